@@ -1,0 +1,62 @@
+"""cnnreg: a plugin-registry framework for training convolutional networks.
+
+The Python API::
+
+    import cnnreg
+
+    recipe = cnnreg.load_recipe("recipes/quickstart.json")
+    run = cnnreg.build(recipe)
+    result = cnnreg.fit(run)
+    print(cnnreg.evaluate(run, "test").metrics)
+    print(cnnreg.predict(run, ["cat.png"], top_k=3))
+
+A notebook registers its own plugin without packaging it::
+
+    class MyModels:
+        @cnnreg.hookimpl
+        def cnnreg_models(self):
+            return {"my_net": my_net}
+
+    recipe = cnnreg.load_recipe(recipe_dict, extra=[MyModels()])
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from cnnreg.hookspecs import hookimpl
+from cnnreg.plugins import plugin_manager
+from cnnreg.recipe import load_recipe
+
+__all__ = [
+    "hookimpl", "plugin_manager", "load_recipe", "validate", "build", "fit", "evaluate", "predict",
+    "cross_validate", "load_run", "load_predictor", "Family", "DataSource", "ImageSplit", "DataContext",
+    "UserError", "RecipeError",
+]
+
+# The engine imports torch; keep `import cnnreg` (and so `cnnreg ls`) light
+# until one of these is used.
+_LAZY = {
+    "build": "cnnreg.engine", "fit": "cnnreg.engine", "evaluate": "cnnreg.engine", "predict": "cnnreg.engine",
+    "cross_validate": "cnnreg.crossval", "load_run": "cnnreg.runs", "load_predictor": "cnnreg.runs",
+    "Family": "cnnreg.registry", "DataSource": "cnnreg.data", "ImageSplit": "cnnreg.data",
+    "DataContext": "cnnreg.data", "UserError": "cnnreg.errors", "RecipeError": "cnnreg.errors",
+}
+
+
+def validate(source: Any, **kwargs: Any) -> str:
+    """Load a recipe (a path or a dict) and dry-run it on the CPU; return a one-line report.
+
+    :raises RecipeError: with every problem found, located in the file.
+    """
+    from cnnreg.validate import dry_run_recipe
+
+    return dry_run_recipe(load_recipe(source, **kwargs))
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'cnnreg' has no attribute {name!r}")

@@ -1,0 +1,336 @@
+"""The ``cnnreg`` command.
+
+Errors a user can fix are printed without a traceback and exit with status 2;
+an interrupted run exits 130 (SIGINT) or 143 (SIGTERM) after saving a
+resumable checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from rich.console import Console
+from rich.table import Table
+
+from cnnreg.errors import RecipeError, UserError
+
+EXAMPLES = """\
+examples:
+  cnnreg run recipes/quickstart.json             train (offline, synthetic data)
+  cnnreg run recipes/mnist-cnn.json --set trainer.epochs=2 --set data.root=../shared/data
+  cnnreg run --resume runs/quickstart-20261122-101500
+  cnnreg validate recipes/*.json                 check recipes and dry-run them on the CPU
+  cnnreg ls models                               list registered models
+  cnnreg ls models 'timm:res*'                   list timm architectures
+  cnnreg schema > recipe.schema.json             JSON Schema for editors
+  cnnreg evaluate runs/quickstart-... --split test
+  cnnreg predict runs/quickstart-... cat.png --top-k 3
+  cnnreg export runs/quickstart-... --format onnx
+"""
+
+KIND_ALIASES = {"models": "model", "datasets": "dataset", "data": "dataset", "transforms": "transform",
+                "losses": "loss", "optimizers": "optimizer", "optim": "optimizer", "schedulers": "scheduler",
+                "metrics": "metric", "callbacks": "callback"}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``cnnreg`` console script; returns the exit status."""
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 2
+    err = Console(stderr=True, highlight=False, soft_wrap=True)
+    try:
+        return int(args.func(args) or 0)
+    except RecipeError as exc:
+        for problem in exc.problems:
+            err.print(f"[bold red]error[/]: {_escape(str(problem))}")
+        count = len(exc.problems)
+        err.print(f"{count} error{'s' if count != 1 else ''}; nothing was run")
+        return 2
+    except UserError as exc:
+        from cnnreg.engine import Interrupted, NonFiniteLoss
+
+        if isinstance(exc, NonFiniteLoss):
+            err.print(f"[bold red]training stopped[/]: {_escape(str(exc))}")
+            return 1
+        err.print(f"[bold red]error[/]: {_escape(str(exc))}")
+        return 2
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        return 130
+    except Exception as exc:  # noqa: BLE001 - the last resort for interruptions raised as exceptions
+        from cnnreg.engine import Interrupted
+
+        if isinstance(exc, Interrupted):
+            err.print(_escape(str(exc)))
+            return exc.exit_code
+        raise
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cnnreg", description="Train convolutional networks from JSON recipes, with plugins.",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--disable", action="append", default=[], metavar="PLUGIN",
+                        help="block a plugin by name (repeatable)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def command(name: str, func: Callable[[argparse.Namespace], int], help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, parents=[common], help=help, description=help,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.set_defaults(func=func)
+        return p
+
+    p = command("run", cmd_run, "train a recipe (or resume a run)")
+    p.add_argument("recipe", nargs="?", type=Path, help="recipe JSON file")
+    p.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                   help="override a recipe value, e.g. trainer.epochs=3 (VALUE is JSON, or a plain string)")
+    p.add_argument("--device", help="override trainer.device (cpu, cuda, cuda:1, mps)")
+    p.add_argument("--output-dir", type=Path, help="where run directories go (default ./runs)")
+    p.add_argument("--nproc", type=int, metavar="N", help="run N processes with torch.distributed.run")
+
+    p = command("validate", cmd_validate, "check recipes and dry-run them on the CPU")
+    p.add_argument("recipes", nargs="+", type=Path)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides")
+
+    p = command("ls", cmd_ls, "list registered components")
+    p.add_argument("kind", nargs="?", help="models, datasets, transforms, losses, optimizers, schedulers, metrics, callbacks")
+    p.add_argument("pattern", nargs="?", default="*", help="glob on names, e.g. 'tutorial_*' or 'timm:resnet*'")
+
+    p = command("schema", cmd_schema, "print the recipe JSON Schema (draft 2020-12)")
+    p.add_argument("-o", "--output", type=Path, help="write to a file instead of stdout")
+
+    p = command("evaluate", cmd_evaluate, "evaluate a finished run's checkpoint")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument("--checkpoint", default="best", choices=["best", "last"])
+    p.add_argument("--device")
+
+    p = command("predict", cmd_predict, "classify images with a run's model")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("images", nargs="+", type=Path)
+    p.add_argument("--top-k", type=int, default=1)
+    p.add_argument("--checkpoint", default="best", choices=["best", "last"])
+    p.add_argument("--device")
+    p.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
+
+    p = command("export", cmd_export, "export a run's model and check it gives the same outputs")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--format", required=True, choices=["onnx", "torchscript", "safetensors"])
+    p.add_argument("-o", "--output", type=Path, help="output file (default: in the run directory)")
+    p.add_argument("--checkpoint", default="best", choices=["best", "last"])
+    return parser
+
+
+# -- commands -----------------------------------------------------------------------------------
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    from cnnreg.plugins import plugin_manager
+    from cnnreg.registry import KINDS, PLURALS, build_catalog
+
+    kind = None
+    if args.kind:
+        kind = KIND_ALIASES.get(args.kind, args.kind)
+        if kind not in KINDS:
+            raise UserError(f"unknown kind {args.kind!r}; use one of: {', '.join(PLURALS.values())}")
+    catalog = build_catalog(plugin_manager(disable=args.disable))
+    try:
+        rows = catalog.search(kind, args.pattern)
+    except ImportError as exc:
+        raise UserError(f"cannot list {args.pattern!r}: {exc}") from None
+    console = Console(highlight=False)
+    table = Table(title=f"cnnreg {PLURALS[kind] if kind else 'components'}", title_justify="left")
+    for column in ("name", "kind", "plugin", "distribution", "summary"):
+        table.add_column(column, overflow="fold")
+    for key, component in rows:
+        table.add_row(key, component.kind, component.plugin, str(component.origin), component.summary)
+    console.print(table)
+    if catalog.broken:
+        broken = Table(title="plugins that failed to load", title_justify="left", style="red")
+        for column in ("plugin", "distribution", "stage", "error"):
+            broken.add_column(column, overflow="fold")
+        for b in catalog.broken:
+            broken.add_row(b.name, str(b.origin), b.stage, b.error)
+        console.print(broken)
+    if not rows:
+        console.print(f"nothing matches {args.pattern!r}")
+    return 0
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    from cnnreg.plugins import plugin_manager
+    from cnnreg.recipe import json_schema
+    from cnnreg.registry import build_catalog
+
+    text = json.dumps(json_schema(build_catalog(plugin_manager(disable=args.disable))), indent=2)
+    if args.output:
+        args.output.write_text(text + "\n", encoding="utf-8")
+    else:
+        sys.stdout.write(text + "\n")
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from cnnreg.recipe import load_recipe
+    from cnnreg.validate import dry_run_recipe
+
+    problems: list[Any] = []
+    console = Console(highlight=False)
+    for path in args.recipes:
+        try:
+            recipe = load_recipe(path, disable=args.disable, overrides=parse_overrides(args.overrides))
+            report = dry_run_recipe(recipe)
+        except RecipeError as exc:
+            problems.extend(exc.problems)
+            continue
+        except UserError as exc:
+            raise UserError(f"{path}: {exc}") from None
+        console.print(f"[green]ok[/] {_escape(str(path))}: {_escape(report)}")
+    if problems:
+        raise RecipeError(problems)
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    if args.nproc:
+        return _launch_distributed(args)
+    from cnnreg.engine import build, fit
+    from cnnreg.recipe import load_recipe
+
+    overrides = parse_overrides(args.overrides)
+    if args.output_dir is not None:
+        overrides["output_dir"] = str(args.output_dir.resolve())
+    if args.resume is not None:
+        run_dir = args.resume
+        recipe_file = run_dir / "recipe.json"
+        if not recipe_file.is_file():
+            raise UserError(f"{run_dir} is not a run directory (no recipe.json); give the folder `cnnreg run` created")
+        recipe = load_recipe(recipe_file, disable=args.disable, overrides=overrides)
+        if not (run_dir / "last.pt").is_file():
+            raise UserError(f"{run_dir} has no last.pt to resume from; the run stopped before its first checkpoint. "
+                            f"Start it again with: cnnreg run {recipe_file}")
+        run = build(recipe, run_dir=run_dir, device=args.device)
+        fit(run, resume=True)
+        return 0
+    if args.recipe is None:
+        raise UserError("give a recipe file, or --resume RUN_DIR")
+    recipe = load_recipe(args.recipe, disable=args.disable, overrides=overrides)
+    if recipe.cross_validation is not None:
+        from cnnreg.crossval import cross_validate
+
+        cross_validate(recipe, device=args.device)
+        return 0
+    run = build(recipe, device=args.device)
+    fit(run)
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from cnnreg.engine import evaluate
+    from cnnreg.runs import load_run
+    from cnnreg.report import print_evaluation
+
+    run = load_run(args.run_dir, checkpoint=args.checkpoint, device=args.device, disable=args.disable)
+    result = evaluate(run, args.split)
+    print_evaluation(Console(highlight=False), result)
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from cnnreg.engine import predict
+    from cnnreg.runs import load_predictor
+
+    run = load_predictor(args.run_dir, checkpoint=args.checkpoint, device=args.device, disable=args.disable)
+    predictions = predict(run, args.images, top_k=args.top_k)
+    console = Console(highlight=False)
+    if args.json:
+        for p in predictions:
+            sys.stdout.write(json.dumps({"image": p.source, "classes": list(p.classes),
+                                         "confidences": [round(c, 6) for c in p.confidences]}) + "\n")
+        return 0
+    table = Table(title_justify="left")
+    table.add_column("image", overflow="fold")
+    for k in range(args.top_k):
+        table.add_column("class" if args.top_k == 1 else f"#{k + 1}")
+        table.add_column("confidence", justify="right")
+    for p in predictions:
+        cells = []
+        for name, conf in zip(p.classes, p.confidences):
+            cells += [name, f"{conf:.1%}"]
+        table.add_row(p.source, *cells)
+    console.print(table)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from cnnreg.export import export
+    from cnnreg.runs import load_predictor
+
+    predictor = load_predictor(args.run_dir, checkpoint=args.checkpoint, device="cpu", disable=args.disable)
+    path, error = export(predictor, args.format, args.output, args.run_dir)
+    Console(highlight=False).print(f"exported {_escape(str(path))}; outputs match the model (max abs diff {error:.2e})")
+    return 0
+
+
+# -- helpers ------------------------------------------------------------------------------------
+
+
+def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` pairs; VALUE is parsed as JSON when it is JSON, else kept as a string."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"--set expects KEY=VALUE, e.g. trainer.epochs=3; got {item!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def _launch_distributed(args: argparse.Namespace) -> int:
+    from torch.distributed import run as torchrun
+
+    forwarded = [str(args.recipe)] if args.recipe else []
+    if args.resume:
+        forwarded += ["--resume", str(args.resume)]
+    for item in args.overrides:
+        forwarded += ["--set", item]
+    for name in args.disable:
+        forwarded += ["--disable", name]
+    if args.device:
+        forwarded += ["--device", args.device]
+    if args.output_dir:
+        forwarded += ["--output-dir", str(args.output_dir)]
+    torchrun.main(["--standalone", f"--nproc-per-node={args.nproc}", "-m", "cnnreg", "run", *forwarded])
+    return 0
+
+
+def _escape(text: str) -> str:
+    from rich.markup import escape
+
+    return escape(text)
+
+
+def _version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("cnnreg-framework")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

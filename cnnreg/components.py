@@ -1,0 +1,108 @@
+"""Calling a recipe's factories: filling context, checking what comes back.
+
+Every factory call goes through :func:`instantiate`, so every failure is
+reported the same way: at the recipe place that named the component, with
+the plugin and distribution that registered it, and no traceback.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import torch
+from pydantic import BaseModel
+
+from cnnreg.data import DataContext, DataSource
+from cnnreg.errors import JsonPath, RecipeError, UserError
+from cnnreg.recipe import DataOptions, RecipeBase
+from cnnreg.records import Metric, Schedule
+from cnnreg.registry import INJECTED_PARAMS, Component
+
+# What each kind of factory must return, and how to say it.
+_RESULT_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "model": (lambda r: isinstance(r, torch.nn.Module), "a torch.nn.Module"),
+    "dataset": (lambda r: isinstance(r, DataSource), "a cnnreg.data.DataSource"),
+    "transform": (callable, "a callable batch transform"),
+    "loss": (callable, "a callable loss(logits, targets)"),
+    "optimizer": (lambda r: isinstance(r, torch.optim.Optimizer), "a torch.optim.Optimizer"),
+    "scheduler": (lambda r: isinstance(r, Schedule), "a cnnreg.records.Schedule"),
+    "metric": (lambda r: isinstance(r, Metric), "a cnnreg.records.Metric"),
+    "callback": (lambda r: r is not None, "a callback object"),
+}
+
+
+def instantiate(
+    recipe: RecipeBase,
+    kind: str,
+    path: JsonPath,
+    spec: BaseModel,
+    context: Mapping[str, Any] | None = None,
+    data_context: DataContext | None = None,
+    live: Any = None,
+) -> Any:
+    """Call the factory ``spec`` names with its recipe parameters.
+
+    :param recipe: the recipe (for the catalog and error locations).
+    :param kind: the component kind.
+    :param path: where ``spec`` sits in the recipe, for errors.
+    :param spec: the validated component (``name`` plus parameters).
+    :param context: values for context parameters the recipe left out
+        (``num_classes``, ``in_channels``, ``epochs``, ``steps_per_epoch``).
+    :param data_context: passed to a parameter annotated ``DataContext``.
+    :param live: the live object injected into optimizers (params) and
+        schedulers (optimizer).
+    """
+    component = recipe.component(kind, spec)
+    kwargs = component_kwargs(component, spec, context or {})
+    injected = INJECTED_PARAMS.get(kind)
+    if injected is not None:
+        kwargs[injected] = live
+    context_param = component.context_param()
+    if context_param is not None:
+        kwargs[context_param] = data_context
+    try:
+        result = component.factory(**kwargs)
+    except (UserError, ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as exc:
+        raise RecipeError([recipe.problem(path, f"{spec.name}: {_first_line(exc)}")]) from None  # type: ignore[attr-defined]
+    except Exception as exc:
+        raise RecipeError([recipe.problem(path, f"{spec.name!r} ({_by(component)}) failed: "  # type: ignore[attr-defined]
+                                          f"{type(exc).__name__}: {_first_line(exc)}")]) from None
+    check, expected = _RESULT_CHECKS[kind]
+    if not check(result):
+        raise RecipeError([recipe.problem(path, f"{spec.name!r} ({_by(component)}) returned "  # type: ignore[attr-defined]
+                                          f"{type(result).__name__}, but {ARTICLE[kind]} {kind} factory must return {expected}")])
+    return result
+
+
+ARTICLE = {kind: ("an" if kind[0] in "aeiou" else "a") for kind in _RESULT_CHECKS}
+
+
+def component_kwargs(component: Component, spec: BaseModel, context: Mapping[str, Any]) -> dict[str, Any]:
+    """The factory's keyword arguments: recipe values, then context for what the recipe left out."""
+    kwargs: dict[str, Any] = {}
+    set_fields = spec.model_fields_set
+    shared = DataOptions.model_fields if component.kind == "dataset" else {}
+    for param in component.params():
+        if not hasattr(spec, param.name) or param.name in shared:
+            continue
+        value = getattr(spec, param.name)
+        if param.from_context and param.name not in set_fields:
+            if param.name in context:
+                kwargs[param.name] = context[param.name]
+            continue
+        kwargs[param.name] = value
+    if component.kind == "dataset":  # common data options the factory also declares
+        kwargs.update({p.name: getattr(spec, p.name) for p in component.params()
+                       if p.name in DataOptions.model_fields and getattr(spec, p.name) is not None})
+    return kwargs
+
+
+def _by(component: Component) -> str:
+    return f"plugin {component.plugin!r}, {component.origin}"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    if isinstance(exc, KeyError) and text.startswith("'"):
+        text = f"missing key {text}"
+    return text or type(exc).__name__

@@ -1,0 +1,504 @@
+"""Finding, decoding and caching the images of a folder of class folders.
+
+The image-folder dataset and the DataLoader path of :mod:`cnnreg.batches`
+share these pieces:
+
+* :func:`list_class_folders` lists ``class_name/**/image`` files the way
+  torchvision's ``ImageFolder`` does (sorted class names, torchvision's
+  ``IMG_EXTENSIONS``, case-insensitive), except that hidden folders and files
+  (``.ipynb_checkpoints``, ``._photo.jpg`` from macOS) are left out.
+* :func:`decode_image` turns one file into a uint8 ``[H, W, C]`` array with
+  Pillow, whatever its mode (palette, alpha, CMYK, 16-bit, bilevel); a file
+  Pillow cannot read raises :class:`BadImage` with the reason.
+* :func:`decode_all` decodes many files in worker processes into one
+  preallocated uint8 ``[N, C, H, W]`` tensor, skipping or failing on bad files.
+* :func:`decode_cached` does the same through an on-disk cache keyed by the
+  files' content (relative paths, sizes, modification times) and the decode
+  options, written atomically as safetensors (never pickle).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import os
+import tempfile
+import warnings
+from concurrent.futures import Executor, ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Literal, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torchvision.datasets.folder import IMG_EXTENSIONS
+
+from cnnreg.errors import UserError
+
+BadImagePolicy = Literal["skip", "fail"]
+
+#: Bump when the cached layout or the decoding changes, so old caches miss.
+CACHE_FORMAT = 1
+
+# Modes that carry no colour: decoded to one channel ("L") when the dataset's
+# channels are chosen automatically.
+_GRAY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
+
+
+class BadImage(Exception):
+    """A file with an image extension that cannot be decoded."""
+
+    def __init__(self, path: Path | str, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path = str(path)
+        self.reason = reason
+
+
+# -- listing ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FolderListing:
+    """The images of one folder of class folders.
+
+    :param folder: the folder that holds the class folders.
+    :param classes: class folder names, sorted (index order).
+    :param files: the path of every image file (strings: a CIFAR-sized
+        folder lists ten times faster without a ``Path`` per file), class by
+        class, each class's files sorted.
+    :param labels: int64 ``[N]``, the class index of each file.
+    :param empty_classes: class folders without a single image file.
+    """
+
+    folder: Path
+    classes: tuple[str, ...]
+    files: tuple[str, ...]
+    labels: torch.Tensor
+    empty_classes: tuple[str, ...]
+
+
+def is_image_file(name: str) -> bool:
+    """Whether ``name`` ends in one of torchvision's image extensions (any case)."""
+    return name.lower().endswith(IMG_EXTENSIONS) and not name.startswith(".")
+
+
+def list_class_folders(folder: Path) -> FolderListing:
+    """List the image files of ``folder/<class>/**``.
+
+    :raises UserError: when ``folder`` holds no class folder at all.
+    """
+    folder = Path(folder)
+    classes = sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
+    if not classes:
+        raise UserError(
+            f"{folder} has no class folders: an image folder holds one folder per class "
+            f"(e.g. {folder}/cat/1.jpg, {folder}/dog/2.jpg)"
+        )
+    files: list[str] = []
+    labels: list[int] = []
+    empty: list[str] = []
+    for index, name in enumerate(classes):
+        found = _walk_images(os.path.join(folder, name))
+        if not found:
+            empty.append(name)
+        files.extend(found)
+        labels.extend([index] * len(found))
+    return FolderListing(
+        folder=folder,
+        classes=tuple(classes),
+        files=tuple(files),
+        labels=torch.tensor(labels, dtype=torch.int64),
+        empty_classes=tuple(empty),
+    )
+
+
+def _walk_images(folder: str) -> list[str]:
+    """Image files under ``folder``, sorted; links are followed, like torchvision's make_dataset."""
+    found: list[str] = []
+    pending = [folder]
+    while pending:
+        with os.scandir(pending.pop()) as entries:
+            for entry in entries:
+                if entry.name.startswith("."):
+                    continue
+                if entry.is_dir():
+                    pending.append(entry.path)
+                elif is_image_file(entry.name):
+                    found.append(entry.path)
+    found.sort()
+    return found
+
+
+# -- decoding one file -------------------------------------------------------------
+
+
+def image_header(path: Path | str) -> tuple[tuple[int, int], bool]:
+    """``((height, width), is_gray)`` read from the file's header only (cheap).
+
+    :raises BadImage: when Pillow does not recognise the file.
+    """
+    try:
+        with Image.open(path) as im:
+            width, height = im.size
+            if _exif_rotated(im):
+                width, height = height, width
+            return (height, width), _is_gray(im)
+    except Exception as e:  # noqa: BLE001 - any failure of a third-party file is "bad image"
+        raise BadImage(path, _reason(e)) from None
+
+
+def decode_image(
+    path: Path | str,
+    *,
+    size: tuple[int, int] | None = None,
+    channels: int | None = None,
+) -> np.ndarray:
+    """Decode one image file to uint8 ``[H, W, C]``.
+
+    :param size: ``(height, width)`` to resize to (bilinear, antialiased), or
+        ``None`` to keep the file's own size.
+    :param channels: 1 (ITU-R 601-2 luma, like Pillow's "L"), 3 (RGB), or
+        ``None``: 1 for images without colour, else 3.
+    :raises BadImage: unreadable, truncated, empty or not an image at all.
+    """
+    try:
+        with Image.open(path) as im:
+            im.load()  # decode now, so truncated files fail here
+            # Photos from phones store their rotation in EXIF: show them upright,
+            # as every image viewer does.
+            # (Checked first: exif_transpose copies even an upright image.)
+            if _exif_orientation(im) not in (0, 1):
+                im = ImageOps.exif_transpose(im)
+            im = _to_mode(im, channels)
+            if size is not None and im.size != (size[1], size[0]):
+                # Stretched to the size, as torchvision's Resize((h, w)) does.
+                im = im.resize((size[1], size[0]), Image.Resampling.BILINEAR)
+            array = np.asarray(im, dtype=np.uint8)
+    except Exception as e:  # noqa: BLE001 - see image_header
+        raise BadImage(path, _reason(e)) from None
+    if array.ndim == 2:
+        array = array[:, :, None]
+    if array.size == 0:
+        raise BadImage(path, "the image has no pixels")
+    return array
+
+
+def _is_gray(im: Image.Image) -> bool:
+    if im.mode in _GRAY_MODES:
+        return True
+    if im.mode in ("P", "PA"):
+        palette = im.getpalette() or []
+        rgb = np.asarray(palette[: len(palette) // 3 * 3]).reshape(-1, 3)
+        return bool((rgb[:, 0] == rgb[:, 1]).all() and (rgb[:, 1] == rgb[:, 2]).all())
+    return False
+
+
+def _exif_orientation(im: Image.Image) -> int:
+    try:
+        return int(im.getexif().get(0x0112, 1))
+    except Exception:  # noqa: BLE001 - broken EXIF: use the image as stored
+        return 1
+
+
+def _exif_rotated(im: Image.Image) -> bool:
+    # EXIF orientations 5-8 swap width and height.
+    return _exif_orientation(im) in (5, 6, 7, 8)
+
+
+def _to_mode(im: Image.Image, channels: int | None) -> Image.Image:
+    """Convert to "L" or "RGB"; 16- and 32-bit grayscale is scaled, not clipped."""
+    if channels is None:
+        channels = 1 if _is_gray(im) else 3
+    if im.mode.startswith("I"):
+        # Pillow's I;16 -> L clips at 255 (so 16-bit scans come out white);
+        # scale 0..65535 to 0..255 instead. Mode "I" holding 8-bit values stays.
+        values = np.asarray(im).astype(np.int64)
+        if values.max(initial=0) > 255:
+            values = (np.clip(values, 0, 65535) * 255 + 32767) // 65535
+        im = Image.fromarray(np.clip(values, 0, 255).astype(np.uint8), mode="L")
+    elif im.mode == "F":
+        im = Image.fromarray(np.clip(np.asarray(im), 0, 255).astype(np.uint8), mode="L")
+    elif im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")  # avoids Pillow's warning on palette transparency
+    target = "L" if channels == 1 else "RGB"
+    return im if im.mode == target else im.convert(target)
+
+
+def _reason(error: Exception) -> str:
+    text = str(error) or type(error).__name__
+    if "cannot identify image file" in text:
+        return "not an image file Pillow can read (or an empty file)"
+    return f"{type(error).__name__}: {text}"
+
+
+# -- decoding many files -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DecodedImages:
+    """The images of a list of files, decoded.
+
+    :param images: uint8 ``[K, C, H, W]``, the files that could be read, in order.
+    :param kept: int64 ``[K]``, the index of each decoded image in the file list.
+    :param skipped: ``(path, reason)`` of each file left out.
+    """
+
+    images: torch.Tensor
+    kept: torch.Tensor
+    skipped: tuple[tuple[str, str], ...]
+
+
+def default_workers() -> int:
+    """The CPU cores this process may use."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - macOS, Windows
+        return os.cpu_count() or 1
+
+
+def decode_all(
+    files: Sequence[str | Path],
+    *,
+    size: tuple[int, int] | None,
+    channels: int | None,
+    bad_images: BadImagePolicy = "skip",
+    workers: int | None = None,
+    chunk_size: int = 256,
+) -> DecodedImages:
+    """Decode ``files`` into one uint8 ``[K, C, H, W]`` tensor, in parallel.
+
+    Chunks of files are decoded in worker processes (the per-image Python
+    work of Pillow holds the GIL: on CIFAR-sized JPEGs threads were slower
+    than one thread, processes scaled) and written into a tensor allocated
+    once; at most one spare copy of a chunk is in flight per worker.
+
+    :param size: ``(height, width)`` to resize to; ``None`` requires every
+        image to have the same size.
+    :param channels: 1, 3, or ``None``: 1 when every image is grayscale, else 3
+        (grayscale images are then replicated to RGB, as Pillow does).
+    :param bad_images: ``"skip"`` leaves unreadable files out (see
+        :attr:`DecodedImages.skipped`); ``"fail"`` raises at the first one.
+    :param workers: processes; ``None`` uses every core. Small lists are
+        decoded in this process.
+    :raises UserError: a bad file with ``"fail"``, sizes that differ with
+        ``size=None``, or no readable image at all.
+    """
+    files = tuple(files)
+    workers = default_workers() if workers is None else workers
+    chunks = [files[i : i + chunk_size] for i in range(0, len(files), chunk_size)]
+    out = _Assembler(len(files), size=size, channels=channels, bad_images=bad_images)
+    jobs = [(tuple(str(f) for f in chunk), size, channels) for chunk in chunks]
+    if workers <= 1 or len(chunks) <= 1:
+        for job in jobs:
+            out.add(job[0], _decode_chunk(job))
+    else:
+        with _process_pool(min(workers, len(chunks))) as pool:
+            try:
+                for job, results in zip(jobs, pool.map(_decode_chunk, jobs)):
+                    out.add(job[0], results)
+            except BaseException:
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
+    return out.finish()
+
+
+def _process_pool(workers: int) -> Executor:
+    # fork starts workers in milliseconds and does not re-import the caller's
+    # __main__; the workers only run Pillow and numpy (no torch, no CUDA).
+    methods = multiprocessing.get_all_start_methods()
+    context = multiprocessing.get_context("fork" if "fork" in methods else None)
+    with warnings.catch_warnings():
+        # Python >= 3.12 warns about fork() in a process with threads (torch's
+        # pools); the children never touch the locks those threads hold.
+        warnings.filterwarnings("ignore", message=".*use of fork\\(\\) may lead to deadlocks.*")
+        pool = ProcessPoolExecutor(workers, mp_context=context)
+    return pool
+
+
+def _decode_chunk(job: tuple[tuple[str, ...], tuple[int, int] | None, int | None]) -> list[np.ndarray | str]:
+    """Decode one chunk (in a worker): an array per file, or the reason it failed."""
+    paths, size, channels = job
+    results: list[np.ndarray | str] = []
+    for path in paths:
+        try:
+            results.append(decode_image(path, size=size, channels=channels))
+        except BadImage as bad:
+            results.append(bad.reason)
+    return results
+
+
+class _Assembler:
+    """Writes decoded arrays into a tensor allocated at the first good image."""
+
+    def __init__(self, capacity: int, *, size, channels, bad_images: BadImagePolicy):
+        self.capacity = capacity
+        self.size = size
+        self.channels = channels
+        self.bad_images = bad_images
+        self.images: torch.Tensor | None = None
+        self.first: str = ""
+        self.kept: list[int] = []
+        self.skipped: list[tuple[str, str]] = []
+        self.seen = 0
+
+    def add(self, paths: Sequence[str], results: Sequence[np.ndarray | str]) -> None:
+        for path, result in zip(paths, results):
+            index = self.seen
+            self.seen += 1
+            if isinstance(result, str):
+                if self.bad_images == "fail":
+                    raise UserError(
+                        f"cannot read image {path}: {result}; remove or replace the file, "
+                        'or set "bad_images": "skip" to leave such files out'
+                    )
+                self.skipped.append((path, result))
+                continue
+            self._put(path, torch.from_numpy(result).permute(2, 0, 1))
+            self.kept.append(index)
+
+    def _put(self, path: str, image: torch.Tensor) -> None:
+        c, h, w = image.shape
+        if self.images is None:
+            self.images = torch.empty((self.capacity, c, h, w), dtype=torch.uint8)
+            self.first = path
+        k, have_c, have_h, have_w = len(self.kept), *self.images.shape[1:]
+        if (h, w) != (have_h, have_w):
+            raise UserError(
+                f"images differ in size: {self.first} is {have_h}x{have_w} (height x width) but "
+                f'{path} is {h}x{w}; set "size" (e.g. {have_h} or [{have_h}, {have_w}]) to resize every image to one size'
+            )
+        if c > have_c:  # first colour image after grayscale ones: widen what we have
+            wider = torch.empty((self.capacity, c, h, w), dtype=torch.uint8)
+            wider[:k] = self.images[:k].expand(-1, c, -1, -1)
+            self.images = wider
+        self.images[k].copy_(image)  # broadcasts a grayscale image to RGB
+
+    def finish(self) -> DecodedImages:
+        if self.images is None:
+            raise UserError(
+                f"none of the {self.seen} image files could be read (first: "
+                f"{self.skipped[0][0] if self.skipped else '-'}: {self.skipped[0][1] if self.skipped else '-'})"
+            )
+        k = len(self.kept)
+        images = self.images[:k] if k == self.capacity else self.images[:k].clone()
+        return DecodedImages(images=images, kept=torch.tensor(self.kept, dtype=torch.int64), skipped=tuple(self.skipped))
+
+
+# -- the on-disk cache ------------------------------------------------------------------
+
+
+def default_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/cnnreg``, else ``~/.cache/cnnreg``."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "cnnreg"
+
+
+def cache_key(listing: FolderListing, *, size, channels) -> str:
+    """A digest of what the decoded tensor depends on.
+
+    The files' paths relative to the folder, their sizes and modification
+    times, the class names and the decode options: an edited, added, removed
+    or renamed file, or other options, give another key. The folder's own
+    location is not part of it, so a moved copy still hits.
+    """
+    digest = hashlib.sha256()
+    header = {"format": CACHE_FORMAT, "classes": listing.classes, "size": size, "channels": channels}
+    digest.update(json.dumps(header, sort_keys=True).encode())
+    prefix = len(str(listing.folder)) + 1
+    for path in listing.files:
+        st = os.stat(path)
+        digest.update(f"\n{path[prefix:]}\0{st.st_size}\0{st.st_mtime_ns}".encode())
+    return digest.hexdigest()
+
+
+def save_cached(path: Path, decoded: DecodedImages, folder: Path) -> None:
+    """Write ``decoded`` to ``path`` atomically: temp file, fsync, rename.
+
+    A reader never sees a half-written file: it sees the old one, or none,
+    or the whole new one.
+    """
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    skipped = [[Path(p).relative_to(folder).as_posix(), reason] for p, reason in decoded.skipped]
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".safetensors")
+    os.close(fd)
+    try:
+        save_file(
+            {"images": decoded.images.contiguous(), "kept": decoded.kept},
+            tmp,
+            metadata={"skipped": json.dumps(skipped), "format": str(CACHE_FORMAT)},
+        )
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+def load_cached(path: Path, folder: Path) -> DecodedImages | None:
+    """The decoded images stored at ``path``, or ``None`` if absent or unusable."""
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+        tensors = load_file(str(path))
+        images, kept = tensors["images"], tensors["kept"]
+        skipped = tuple((str(folder / p), reason) for p, reason in json.loads(metadata["skipped"]))
+        if images.dtype != torch.uint8 or images.ndim != 4 or kept.shape != (len(images),):
+            return None
+        return DecodedImages(images=images, kept=kept.to(torch.int64), skipped=skipped)
+    except (SafetensorError, OSError, KeyError, ValueError, TypeError):
+        return None  # a damaged cache file is decoded again and overwritten
+
+
+def decode_cached(
+    listing: FolderListing,
+    *,
+    size: tuple[int, int] | None,
+    channels: int | None,
+    bad_images: BadImagePolicy = "skip",
+    cache_dir: Path | None,
+    workers: int | None = None,
+) -> tuple[DecodedImages, bool]:
+    """Decode the listing's files, through the cache when ``cache_dir`` is set.
+
+    :returns: the decoded images and whether they came from the cache.
+    """
+    path = None
+    if cache_dir is not None:
+        key = cache_key(listing, size=size, channels=channels)
+        path = Path(cache_dir) / "imagefolder" / f"{key}.safetensors"
+        cached = load_cached(path, listing.folder)
+        if cached is not None and (bad_images == "skip" or not cached.skipped):
+            return cached, True
+    decoded = decode_all(
+        listing.files, size=size, channels=channels, bad_images=bad_images, workers=workers
+    )
+    if path is not None:
+        try:
+            save_cached(path, decoded, listing.folder)
+        except OSError as e:  # a read-only or full disk costs speed, not the run
+            warnings.warn(f"could not write the image cache {path}: {e}", stacklevel=2)
+    return decoded, False
