@@ -32,7 +32,8 @@ from cnnreg.device import (autocast, configure_backends, resolve_device, resolve
 from cnnreg.errors import RecipeError, UserError
 from cnnreg.plugins import PluginManager
 from cnnreg.recipe import RecipeBase
-from cnnreg.records import EpochRecord, EvalResult, FitResult, Metric, Prediction, ProgressRecord, Schedule, Tally
+from cnnreg.records import (EpochRecord, EvalResult, FitResult, Metric, Prediction, ProgressRecord, Schedule, Tally,
+                            infer_mode)
 from cnnreg import splits
 
 PROGRESS_INTERVAL = 0.25  # seconds between progress hook calls
@@ -338,11 +339,6 @@ def check_monitors(recipe: RecipeBase, metrics: Sequence[tuple[str, Metric]], sc
     return monitor, recipe.trainer.mode or infer_mode(monitor)
 
 
-def infer_mode(metric: str) -> str:
-    """Losses, errors and times are better low; everything else high."""
-    return "min" if any(w in metric for w in ("loss", "error", "seconds", "lr")) else "max"
-
-
 def run_plugin_manager(parent: PluginManager, callbacks: Iterable[object]) -> PluginManager:
     """A plugin manager for one run: every plugin of ``parent`` plus this recipe's callbacks."""
     pm = PluginManager()
@@ -460,7 +456,7 @@ class Tallies:
                           extra=extra.cpu() if extra is not None else None)
             for name, value in metric.compute(tally).items():
                 if isinstance(value, (list, tuple)):
-                    per_class[name] = tuple(float(v) for v in value)
+                    per_class[name.removesuffix("_per_class")] = tuple(float(v) for v in value)
                 else:
                     metrics[name] = float(value)
         return EvalResult(split=split, metrics=metrics, per_class=per_class,

@@ -175,7 +175,7 @@ def decode_image(
             if size is not None and im.size != (size[1], size[0]):
                 # Stretched to the size, as torchvision's Resize((h, w)) does.
                 im = im.resize((size[1], size[0]), Image.Resampling.BILINEAR)
-            array = np.asarray(im, dtype=np.uint8)
+            array = np.array(im, dtype=np.uint8)  # a writable copy: torch.from_numpy warns on read-only ones
     except Exception as e:  # noqa: BLE001 - see image_header
         raise BadImage(path, _reason(e)) from None
     if array.ndim == 2:

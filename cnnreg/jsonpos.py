@@ -148,12 +148,13 @@ class _Parser:
         i = self.skip(start + 1)
         if self.text.startswith("}", i):
             return result, i + 1
+        comma = -1
         while True:
             if i >= len(self.text):
                 raise self.error(f"unexpected end of file; the '{{' at {_fmt(self.position(start))} is never closed", i)
             if self.text[i] != '"':
                 if self.text[i] == "}":
-                    raise self.error("trailing comma before '}'", i)
+                    raise self.error("trailing comma before '}'", comma)
                 advice = self.not_json(i)
                 raise self.error(advice or f"expected a key in double quotes, found {self.text[i]!r}", i)
             key_at = i
@@ -169,7 +170,7 @@ class _Parser:
             result[key] = value
             i = self.skip(i)
             if self.text.startswith(",", i):
-                i = self.skip(i + 1)
+                comma, i = i, self.skip(i + 1)
                 continue
             if self.text.startswith("}", i):
                 return result, i + 1
@@ -184,14 +185,15 @@ class _Parser:
         i = self.skip(start + 1)
         if self.text.startswith("]", i):
             return result, i + 1
+        comma = -1
         while True:
             if self.text.startswith("]", i):
-                raise self.error("trailing comma before ']'", i)
+                raise self.error("trailing comma before ']'", comma)
             value, i = self.value(i, (*path, len(result)), depth)
             result.append(value)
             i = self.skip(i)
             if self.text.startswith(",", i):
-                i = self.skip(i + 1)
+                comma, i = i, self.skip(i + 1)
                 continue
             if self.text.startswith("]", i):
                 return result, i + 1

@@ -167,5 +167,7 @@ def _unknown_hooks(pm: pluggy.PluginManager, plugin: Any) -> list[str]:
 
 
 def _describe(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    # pluggy's validation errors spread the useful part over several lines
+    text = "; ".join(lines[:3]) if isinstance(exc, pluggy.PluginValidationError) else (lines[0] if lines else "")
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -9,6 +9,12 @@ from typing import Any, Callable, Literal, Mapping
 import torch
 
 
+def infer_mode(metric: str) -> Literal["min", "max"]:
+    """Whether a metric is better low or high: losses, errors and times are
+    better low, everything else (accuracy, F1, AUC, ...) high."""
+    return "min" if any(w in metric for w in ("loss", "error", "seconds", "lr")) else "max"
+
+
 @dataclass(frozen=True)
 class Schedule:
     """A learning-rate scheduler and how the engine drives it.

@@ -164,6 +164,7 @@ class Catalog:
         if len(found) == 1:
             return name, found[0], {}
         if len(found) > 1:
+            found = tuple(sorted(found, key=lambda c: c.plugin))
             listed = " and ".join(f"plugin {c.plugin!r} ({c.origin})" for c in found)
             choices = ", ".join(repr(c.qualified) for c in found)
             raise ComponentError(f"{kind} {name!r} is registered by {listed}; pick one: {choices}")
