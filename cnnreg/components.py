@@ -86,7 +86,7 @@ def component_kwargs(component: Component, spec: BaseModel, context: Mapping[str
         if not hasattr(spec, param.name) or param.name in shared:
             continue
         value = getattr(spec, param.name)
-        if param.from_context and param.name not in set_fields:
+        if param.from_context and (param.name not in set_fields or value is None):  # null: "from the run" too
             if param.name in context:
                 kwargs[param.name] = context[param.name]
             continue

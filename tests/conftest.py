@@ -26,7 +26,7 @@ def tiny_recipe(tmp_path: Path, **changes: Any) -> dict[str, Any]:
     recipe: dict[str, Any] = {
         "name": "tiny",
         "seed": 0,
-        "data": {"name": "synthetic", "num_classes": 3, "image_size": 12, "train_size": 96, "val_size": 48,
+        "data": {"name": "synthetic", "num_classes": 3, "image_size": 12, "train_size": 192, "val_size": 48,
                  "test_size": 48, "batch_size": 32},
         "transforms": {"train": [{"name": "random_horizontal_flip"}, {"name": "normalize"}],
                        "eval": [{"name": "normalize"}]},
