@@ -94,9 +94,10 @@ def make_batches(
     :param image_size: ``(H, W)`` of the batches. Files are decoded at it
         (required for file splits); in-memory images of another size are
         resized on the device (bilinear, antialiased).
-    :param channels: 1 or 3; images with other channels are converted per
-        batch on the device (1 -> 3 replicated, 3 -> 1 luma), so the split
-        stays compact. ``None`` keeps them (file splits: 3).
+    :param channels: 1 or 3; in-memory images with other channels are
+        converted per batch on the device (1 -> 3 replicated, 3 -> 1 luma),
+        so the split stays compact; files are decoded straight to it.
+        ``None`` keeps the images' own (file splits: 3).
     :param num_classes: labels must lie in ``[0, num_classes)``; checked once,
         here, and named with ``name`` in the error.
     :param rank: this process's rank; ``world_size``: how many ranks.
@@ -239,10 +240,10 @@ class TensorBatches:
                 yield self._finish(self.images[i * bs : (i + 1) * bs]), self.labels[i * bs : (i + 1) * bs]
             return
         # Gather a block of batches (~8 MiB) at a time, then slice it. Measured
-        # on the CPU, CIFAR-10 at batch 512, per epoch: an index_select per
-        # batch 0.87 s (each fresh 1.5 MB output faults in new pages), one
-        # gather of the whole epoch 0.34 s (but it doubles the split's memory),
-        # 8 MiB blocks 0.28 s. On a GPU all three are a few kernels per step.
+        # on CIFAR-10, per epoch -- CPU, batch 512: an index_select per batch
+        # 0.87 s (each fresh 1.5 MB output faults in new pages), one gather of
+        # the whole epoch 0.34 s (but it doubles the split's memory), 8 MiB
+        # blocks 0.28 s; H100, batch 128: 29 ms, 19 ms and 20 ms.
         index = self.order.indices(self.epoch).to(self.device, non_blocking=True)
         for first in range(self.start, self.steps, self.block):
             last = min(self.steps, first + self.block)

@@ -295,13 +295,16 @@ def make_split_batches(recipe: RecipeBase, data: DataSource, channels: int, devi
     options = recipe.data
     eval_batch = options.eval_batch_size or 2 * options.batch_size
     common = dict(device=device, image_size=data.image_size, channels=channels, rank=dist.rank,
-                  world_size=dist.world_size, num_workers=options.num_workers, seed=recipe.seed)
+                  world_size=dist.world_size, num_workers=options.num_workers, seed=recipe.seed,
+                  num_classes=data.num_classes)
     batches = {"train": make_batches(data.train, batch_size=options.batch_size, shuffle=options.shuffle,
-                                     drop_last=options.drop_last, **common)}
+                                     drop_last=options.drop_last, name="train", **common)}
     for name in ("val", "test"):
         split = data.split(name)
         if split is not None and len(split):
-            batches[name] = make_batches(split, batch_size=eval_batch, shuffle=False, drop_last=False, **common)
+            # exact, uneven shards: evaluation must count every sample once
+            batches[name] = make_batches(split, batch_size=eval_batch, shuffle=False, drop_last=False, name=name,
+                                         even_shards=False, **common)
     return batches
 
 
@@ -509,7 +512,7 @@ def train_epoch(run: Run, epoch: int, tallies: Tallies, skip_batches: int, stop:
     opts = run.recipe.trainer
     model = run.step_model or run.model
     batches = run.batches["train"]
-    batches.set_epoch(epoch)
+    batches.set_epoch(epoch, start_batch=skip_batches)  # resuming mid-epoch: the same order, from there
     run.model.train()
     total = len(batches)
     reader = LossReader(run.device)
@@ -517,9 +520,7 @@ def train_epoch(run: Run, epoch: int, tallies: Tallies, skip_batches: int, stop:
     seen = skip_batches
     skip_nan = opts.on_nan == "skip"
     clip_params = [p for g in run.optimizer.param_groups for p in g["params"]]
-    for index, (images, targets) in enumerate(batches):
-        if index < skip_batches:
-            continue  # resuming mid-epoch: the order is the same, these batches already ran
+    for index, (images, targets) in enumerate(batches, start=skip_batches):
         x = prepare(run, images, run.train_transforms)
         boundary = (index + 1) % opts.accumulate == 0 or index + 1 == total
         sync_grads = contextlib.nullcontext() if boundary or not hasattr(model, "no_sync") else model.no_sync()

@@ -167,6 +167,7 @@ def channel_stats(
     split: ImageSplit,
     *,
     channels: int | None = None,
+    size: tuple[int, int] | None = None,
     sample: int = 4096,
     seed: int = 0,
 ) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -175,13 +176,14 @@ def channel_stats(
     Computed from a histogram of the uint8 values of up to ``sample`` images
     drawn at random (every image of a smaller split; 4096 CIFAR images pin
     the values to the third decimal): no float copy of the images is made.
-    Files are decoded at their own size (at most 512 of them; unreadable
-    ones are passed over).
+    Files are decoded (at most 256 of them, at ``size`` when given, else at
+    their own size; unreadable ones are passed over).
 
     :param channels: convert to 1 or 3 channels first (files: ``None`` means 3).
+    :param size: ``(height, width)`` to decode files at.
     """
     histogram = None
-    for chunk in _stat_chunks(split, channels=channels, sample=sample, seed=seed):
+    for chunk in _stat_chunks(split, channels=channels, size=size, sample=sample, seed=seed):
         counts = torch.stack([torch.bincount(chunk[:, c].reshape(-1), minlength=256) for c in range(chunk.shape[1])])
         histogram = counts if histogram is None else histogram + counts
     if histogram is None:
@@ -193,7 +195,7 @@ def channel_stats(
     return tuple(round(v, 4) for v in mean.tolist()), tuple(round(v, 4) for v in std.tolist())
 
 
-def _stat_chunks(split: ImageSplit, *, channels: int | None, sample: int, seed: int):
+def _stat_chunks(split: ImageSplit, *, channels: int | None, size: tuple[int, int] | None, sample: int, seed: int):
     if split.images is not None:
         images = split.images
         if len(images) > sample:
@@ -205,10 +207,10 @@ def _stat_chunks(split: ImageSplit, *, channels: int | None, sample: int, seed: 
     from cnnreg.imagefiles import BadImage, decode_image
 
     files = split.files or ()
-    pick = torch.randperm(len(files), generator=_generator(seed))[: min(sample, 512)].sort().values.tolist()
+    pick = torch.randperm(len(files), generator=_generator(seed))[: min(sample, 256)].sort().values.tolist()
     for i in pick:
         try:
-            array = decode_image(files[i], channels=channels or 3)
+            array = decode_image(files[i], size=size, channels=channels or 3)
         except BadImage:
             continue
         yield torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0)

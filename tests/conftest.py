@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,9 @@ import torch
 
 HERE = Path(__file__).parent
 REPO = HERE.parent
+
+# The image-folder cache goes to $XDG_CACHE_HOME/cnnreg: keep the tests' out of the user's.
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="cnnreg-test-cache-")
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # Two workers on two cores: one thread each, or they fight over the cores.

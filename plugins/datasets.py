@@ -1,0 +1,604 @@
+"""Built-in datasets (the ``datasets`` plugin).
+
+* ``cifar10``, ``cifar100``, ``mnist``, ``fashion_mnist``, ``kmnist``: read
+  by torchvision's own dataset classes from torchvision's folder layout, and
+  handed over as one uint8 tensor per split (no per-image PIL objects).
+  They come with train and test splits; the engine carves validation out of
+  train (``val_fraction``).
+* ``imagefolder``: a folder of class folders (or ``train/``, ``val/``,
+  ``test/`` folders of them), decoded once in parallel into memory, through
+  an on-disk cache, or -- when too big for memory -- listed for DataLoader
+  workers to decode while training.
+* ``synthetic``: coloured shapes drawn procedurally, for the offline
+  quickstart and the tests.
+
+Annotations are evaluated at import (no ``from __future__ import
+annotations``) so the registry reads the signatures as they are.
+"""
+
+import gzip
+import math
+import pickle
+import shutil
+import tempfile
+import warnings
+from dataclasses import replace
+from pathlib import Path
+from typing import Annotated, Literal
+
+import torch
+from pydantic import Field
+from torchvision import datasets as tvd
+from torchvision.datasets.utils import check_integrity, download_and_extract_archive
+
+from cnnreg import imagefiles
+from cnnreg.data import DataSource, ImageSplit
+from cnnreg.errors import UserError
+from cnnreg.hookspecs import hookimpl
+from cnnreg.splits import channel_stats, convert_channels, stratified_split
+
+Pixels = Annotated[int, Field(ge=1)]
+
+# Per-channel mean and std of each training set (the values the literature uses).
+_STATS = {
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "mnist": ((0.1307,), (0.3081,)),
+    "fashion_mnist": ((0.2860,), (0.3530,)),
+    "kmnist": ((0.1918,), (0.3483,)),
+}
+
+
+# -- CIFAR -----------------------------------------------------------------------------
+
+
+def cifar10(root: Path, download: bool = False, verify: bool = True) -> DataSource:
+    """CIFAR-10: 60,000 32x32 colour images of 10 classes (50,000 train, 10,000 test).
+
+    Args:
+        root: folder that holds (or will hold) ``cifar-10-batches-py/``, as torchvision lays it out.
+        download: fetch the files (163 MB) when they are missing, or extract
+            ``cifar-10-python.tar.gz`` when it is already in ``root``.
+        verify: check the files against torchvision's MD5 checksums (about
+            0.3 s); false only checks that they exist.
+    """
+    return _cifar(tvd.CIFAR10, "CIFAR-10", "163 MB", root, download, verify, *_STATS["cifar10"])
+
+
+def cifar100(root: Path, download: bool = False, verify: bool = True) -> DataSource:
+    """CIFAR-100: 60,000 32x32 colour images of 100 classes (50,000 train, 10,000 test).
+
+    Args:
+        root: folder that holds (or will hold) ``cifar-100-python/``, as torchvision lays it out.
+        download: fetch the files (161 MB) when they are missing, or extract
+            ``cifar-100-python.tar.gz`` when it is already in ``root``.
+        verify: check the files against torchvision's MD5 checksums; false
+            only checks that they exist.
+    """
+    return _cifar(tvd.CIFAR100, "CIFAR-100", "161 MB", root, download, verify, *_STATS["cifar100"])
+
+
+def _cifar(cls, title, weight, root, download, verify, mean, std) -> DataSource:
+    root = Path(root).expanduser().absolute()
+    folder = root / cls.base_folder
+    files = [name for name, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]]
+    expected = dict(cls.train_list + cls.test_list) | {cls.meta["filename"]: cls.meta["md5"]}
+
+    def problems() -> tuple[list[str], list[str]]:
+        missing = [f for f in files if not (folder / f).is_file()]
+        corrupt = [f for f in files if f not in missing and verify and not check_integrity(folder / f, expected[f])]
+        return missing, corrupt
+
+    missing, corrupt = problems()
+    if (missing or corrupt) and download:
+        try:
+            download_and_extract_archive(cls.url, str(root), filename=cls.filename, md5=cls.tgz_md5)
+        except Exception as e:  # noqa: BLE001 - network and archive errors of every kind
+            raise UserError(
+                f"downloading {title} from {cls.url} into {root} failed ({type(e).__name__}: {e}); "
+                f"without a network, put the files of {cls.filename} into {folder}/"
+            ) from None
+        missing, corrupt = problems()
+    if missing:
+        archive = root / cls.filename
+        hint = (
+            f'the archive {archive} is there: set "download": true to extract it (nothing is fetched)'
+            if archive.is_file()
+            else f'set "download": true to fetch them ({weight}), or put the files of {cls.filename} '
+            f"({cls.url}) there yourself"
+        )
+        raise UserError(f"{title} files missing in {folder}/: {', '.join(missing)}; {hint}")
+    if corrupt:
+        raise UserError(
+            f"{title} files in {folder}/ do not match torchvision's checksums: {', '.join(corrupt)} "
+            f'(damaged, or another version); delete them and set "download": true, or set "verify": false to use them as they are'
+        )
+    # Checked once above (torchvision would check every file again for each
+    # split): the loader below keeps torchvision's parsing, minus the MD5s.
+    unchecked = type(
+        cls.__name__,
+        (cls,),
+        {
+            "train_list": [[name, None] for name, _ in cls.train_list],
+            "test_list": [[name, None] for name, _ in cls.test_list],
+            "meta": {**cls.meta, "md5": None},
+        },
+    )
+    try:
+        train, test = unchecked(str(root), train=True), unchecked(str(root), train=False)
+    except (pickle.UnpicklingError, EOFError, KeyError, ValueError, TypeError, RuntimeError) as e:
+        raise UserError(
+            f"cannot read the {title} files in {folder}/ ({type(e).__name__}: {e}); "
+            'delete them and set "download": true'
+        ) from None
+    return DataSource(
+        train=_from_hwc(train.data, train.targets),
+        test=_from_hwc(test.data, test.targets),
+        classes=tuple(train.classes),
+        image_size=(32, 32),
+        channels=3,
+        mean=mean,
+        std=std,
+    )
+
+
+def _from_hwc(data, targets) -> ImageSplit:
+    # torchvision keeps CIFAR as numpy [N, H, W, C]; one contiguous NCHW copy.
+    images = torch.from_numpy(data).permute(0, 3, 1, 2).contiguous()
+    return ImageSplit(labels=torch.as_tensor(targets, dtype=torch.int64), images=images)
+
+
+# -- MNIST and its relatives ----------------------------------------------------------
+
+
+def mnist(root: Path, download: bool = False) -> DataSource:
+    """MNIST: 70,000 28x28 grayscale handwritten digits (60,000 train, 10,000 test).
+
+    Args:
+        root: folder that holds (or will hold) ``MNIST/raw/`` with the four idx
+            files, gzipped or not, as torchvision lays it out.
+        download: fetch the files (12 MB) when they are missing.
+    """
+    return _mnist_like(tvd.MNIST, "MNIST", root, download, *_STATS["mnist"])
+
+
+def fashion_mnist(root: Path, download: bool = False) -> DataSource:
+    """Fashion-MNIST: 70,000 28x28 grayscale clothing images of 10 classes.
+
+    Args:
+        root: folder that holds (or will hold) ``FashionMNIST/raw/`` with the
+            four idx files, gzipped or not, as torchvision lays it out.
+        download: fetch the files (30 MB) when they are missing.
+    """
+    return _mnist_like(tvd.FashionMNIST, "Fashion-MNIST", root, download, *_STATS["fashion_mnist"])
+
+
+def kmnist(root: Path, download: bool = False) -> DataSource:
+    """Kuzushiji-MNIST: 70,000 28x28 grayscale cursive Japanese characters of 10 classes.
+
+    Args:
+        root: folder that holds (or will hold) ``KMNIST/raw/`` with the four
+            idx files, gzipped or not, as torchvision lays it out.
+        download: fetch the files (20 MB) when they are missing.
+    """
+    return _mnist_like(tvd.KMNIST, "KMNIST", root, download, *_STATS["kmnist"])
+
+
+def _mnist_like(cls, title, root, download, mean, std) -> DataSource:
+    root = Path(root).expanduser().absolute()
+    folder, found = _find_idx_files(cls, root)
+    if found is None and download:
+        try:
+            cls(str(root), train=True, download=True)  # torchvision fetches and unpacks into root/<Name>/raw
+        except Exception as e:  # noqa: BLE001 - network and archive errors of every kind
+            raise UserError(
+                f"downloading {title} into {root / cls.__name__ / 'raw'} failed ({type(e).__name__}: {e}); "
+                f"without a network, put the four idx files there ({', '.join(n for n, _ in cls.resources)})"
+            ) from None
+        folder, found = _find_idx_files(cls, root)
+    if found is None:
+        names = [name.removesuffix(".gz") for name, _ in cls.resources]
+        missing = [f"{n}.gz" for n in names if not (folder / n).is_file() and not (folder / f"{n}.gz").is_file()]
+        raise UserError(
+            f"{title} files missing in {folder}/: {', '.join(missing)} (gzipped or not); "
+            f'set "download": true to fetch them, or put them there yourself (from {cls.mirrors[0]})'
+        )
+    with tempfile.TemporaryDirectory(prefix="cnnreg-idx-") as tmp:
+        # torchvision reads the unpacked idx files from its raw folder; unpack
+        # gzipped ones into a temporary folder rather than into the user's.
+        raw = folder
+        if any(p.suffix == ".gz" for p in found.values()):
+            raw = Path(tmp)
+            for name, path in found.items():
+                if path.suffix == ".gz":
+                    with gzip.open(path, "rb") as src, open(raw / name, "wb") as dst:
+                        shutil.copyfileobj(src, dst, 1 << 20)
+                else:
+                    shutil.copyfile(path, raw / name)
+        here = type(cls.__name__, (cls,), {"raw_folder": property(lambda self: str(raw))})
+        try:
+            train, test = here(str(root), train=True), here(str(root), train=False)
+        except (AssertionError, TypeError, ValueError, RuntimeError, OSError, EOFError) as e:
+            raise UserError(
+                f"cannot read the {title} idx files in {folder}/ ({type(e).__name__}: {e}); "
+                'delete them and set "download": true'
+            ) from None
+    return DataSource(
+        train=ImageSplit(labels=train.targets.to(torch.int64), images=train.data.unsqueeze(1).contiguous()),
+        test=ImageSplit(labels=test.targets.to(torch.int64), images=test.data.unsqueeze(1).contiguous()),
+        classes=tuple(cls.classes),
+        image_size=tuple(train.data.shape[-2:]),
+        channels=1,
+        mean=mean,
+        std=std,
+    )
+
+
+def _find_idx_files(cls, root: Path) -> tuple[Path, dict[str, Path] | None]:
+    """The raw folder and its four idx files (gzipped or not), or torchvision's folder and ``None``.
+
+    torchvision's place comes first; a lowercase folder name is accepted
+    too, which is what a case-insensitive file system (macOS, Windows) finds.
+    """
+    names = [name.removesuffix(".gz") for name, _ in cls.resources]
+    candidates = [root / cls.__name__ / "raw", root / cls.__name__.lower() / "raw"]
+    for folder in candidates:
+        found = {n: p for n in names for p in (folder / f"{n}.gz", folder / n) if p.is_file()}  # unpacked wins
+        if len(found) == len(names):
+            return folder, found
+    return candidates[0], None
+
+
+# -- image folders -----------------------------------------------------------------------
+
+
+def imagefolder(
+    root: Path,
+    size: Pixels | tuple[Pixels, Pixels] | None = None,
+    channels: Literal[1, 3] | None = None,
+    test_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.0,
+    seed: Annotated[int, Field(ge=0)] = 0,
+    bad_images: Literal["skip", "fail"] = "skip",
+    max_memory_gb: Annotated[float, Field(ge=0)] = 4.0,
+    cache: bool = True,
+    cache_dir: Path | None = None,
+) -> DataSource:
+    """Images in class folders: ``root/<class>/*.jpg``, or ``root/train/<class>/...`` with optional val/ and test/.
+
+    Class names are the folder names, sorted (as torchvision's ImageFolder
+    does); hidden folders and files are left out. A folder without train/
+    is one split, from which ``test_fraction`` is held out (stratified).
+    An empty class folder in train is an error (the model would get an
+    output for a class it never sees); in val/ or test/ it is a warning.
+
+    Args:
+        root: the folder of class folders, or of train/, val/ and test/ folders of class folders.
+        size: resize every image to this [height, width] (or square size);
+            needed when the images differ in size, else their common size is used.
+        channels: 1 (grayscale) or 3 (RGB); default 1 when every image is grayscale, else 3.
+        test_fraction: hold out this stratified fraction of train as a test split, when there is no test/ folder.
+        seed: seed of the test split's draw.
+        bad_images: "skip" leaves unreadable files out (listed, with the reason, in the run's skipped files); "fail" stops at the first.
+        max_memory_gb: decode the whole folder into memory (and onto the GPU) when
+            its images take at most this many GiB as uint8; bigger folders are
+            decoded by DataLoader workers during training.
+        cache: keep the decoded images on disk, so the next run skips decoding.
+        cache_dir: where the cache goes; default $XDG_CACHE_HOME/cnnreg or ~/.cache/cnnreg.
+    """
+    root = Path(root).expanduser().absolute()
+    size = _pair(size)
+    if not root.is_dir():
+        raise UserError(f"image folder {root} {'is not a folder' if root.exists() else 'does not exist'}")
+    listings = _list_splits(root)
+    train = listings["train"]
+    if test_fraction > 0 and "test" in listings:
+        raise UserError(f"{root} has a test/ folder: test_fraction holds out a test split only where there is none")
+    _check_images_found(root, listings)
+    if train.empty_classes:
+        raise UserError(
+            f"class folders without images in {train.folder}: {_names(train.empty_classes)}; each class folder "
+            "becomes a model output, so remove the empty ones (or add images)"
+        )
+    for name, listing in listings.items():
+        if name != "train" and listing.empty_classes:
+            warnings.warn(f"{name} split of {root} has no images of {_names(listing.empty_classes)}", stacklevel=2)
+    total = sum(len(listing.files) for listing in listings.values())
+    probe = _probe(train.files)
+    est_channels = channels or (1 if all(gray for _, gray in probe) else 3)
+    height, width = size or max((hw for hw, _ in probe), key=lambda hw: hw[0] * hw[1])
+    in_memory = total * est_channels * height * width <= max_memory_gb * 2**30
+    if in_memory:
+        source = _decode_in_memory(root, listings, size, channels, bad_images, cache, cache_dir)
+    else:
+        source = _file_source(root, listings, size, channels, probe)
+    if source.test is None and test_fraction > 0:
+        kept, held = stratified_split(source.train.labels, max(1, round(len(source.train) * test_fraction)), seed)
+        source = replace(source, train=source.train.select(kept), test=source.train.select(held))
+    mean, std = channel_stats(source.train, channels=source.channels, size=source.image_size, seed=seed)
+    return replace(source, mean=mean, std=std)
+
+
+def _pair(size) -> tuple[int, int] | None:
+    if size is None:
+        return None
+    pair = (size, size) if isinstance(size, int) else tuple(size)
+    if len(pair) != 2 or not all(isinstance(v, int) and v >= 1 for v in pair):
+        raise ValueError(f"size must be a positive int or [height, width], not {size!r}")
+    return pair
+
+
+def _names(names, limit: int = 5) -> str:
+    shown = ", ".join(repr(n) for n in names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _list_splits(root: Path) -> dict[str, imagefiles.FolderListing]:
+    here = {p.name for p in root.iterdir() if p.is_dir()}
+    if "train" not in here:
+        if here & {"val", "test"}:
+            raise UserError(f"{root} has {' and '.join(sorted(here & {'val', 'test'}))}/ but no train/ folder")
+        return {"train": imagefiles.list_class_folders(root)}
+    listings = {name: imagefiles.list_class_folders(root / name) for name in ("train", "val", "test") if name in here}
+    classes = listings["train"].classes
+    for name, listing in listings.items():
+        if listing.classes != classes:
+            missing = sorted(set(classes) - set(listing.classes))
+            extra = sorted(set(listing.classes) - set(classes))
+            parts = ([f"lacks {_names(missing)}"] if missing else []) + ([f"has {_names(extra)} which train/ lacks"] if extra else [])
+            raise UserError(
+                f"the class folders of {root}/{name}/ differ from those of train/: it {' and '.join(parts)}; "
+                "every split needs the same class folders (an empty folder is fine for a class with no images there)"
+            )
+    return listings
+
+
+def _check_images_found(root: Path, listings) -> None:
+    if sum(len(listing.files) for listing in listings.values()) == 0:
+        raise UserError(
+            f"no images found under {root}: expected class folders holding files ending in "
+            f"{', '.join(imagefiles.IMG_EXTENSIONS)} (any case)"
+        )
+
+
+def _probe(files, count: int = 32) -> list[tuple[tuple[int, int], bool]]:
+    """Headers of up to ``count`` files spread over the list (unreadable ones passed over)."""
+    step = max(1, len(files) // count)
+    found = []
+    for path in files[::step][:count]:
+        try:
+            found.append(imagefiles.image_header(path))
+        except imagefiles.BadImage:
+            continue
+    return found or [((32, 32), False)]
+
+
+def _decode_in_memory(root, listings, size, channels, bad_images, cache, cache_dir) -> DataSource:
+    directory = (Path(cache_dir).expanduser() if cache_dir is not None else imagefiles.default_cache_dir()) if cache else None
+    splits: dict[str, ImageSplit] = {}
+    skipped: list[tuple[str, str]] = []
+    shapes: dict[str, tuple[int, ...]] = {}
+    for name, listing in listings.items():
+        if not listing.files:
+            continue
+        decoded, _ = imagefiles.decode_cached(
+            listing, size=size, channels=channels, bad_images=bad_images, cache_dir=directory
+        )
+        skipped.extend(decoded.skipped)
+        splits[name] = ImageSplit(labels=listing.labels[decoded.kept], images=decoded.images)
+        shapes[name] = tuple(decoded.images.shape[1:])
+    train = listings["train"]
+    if "train" not in splits:
+        raise UserError(f"{train.folder} holds no images, only its other splits do")
+    sizes = {shape[1:] for shape in shapes.values()}
+    if len(sizes) > 1:
+        described = ", ".join(f"{name} {s[1]}x{s[2]}" for name, s in shapes.items())
+        raise UserError(f'the splits of {root} differ in image size ({described}); set "size" to resize them all')
+    out_channels = max(shape[0] for shape in shapes.values())
+    splits = {name: _widen(split, out_channels) for name, split in splits.items()}
+    lost = (torch.bincount(splits["train"].labels, minlength=len(train.classes)) == 0).nonzero().flatten().tolist()
+    if lost:
+        raise UserError(
+            f"every image of class {_names([train.classes[i] for i in lost])} in {train.folder} is unreadable "
+            "(see the skipped files); fix or remove them"
+        )
+    if skipped:
+        warnings.warn(
+            f"skipped {len(skipped)} unreadable image file(s) under {root} (first: {skipped[0][0]}: {skipped[0][1]})",
+            stacklevel=3,
+        )
+    return DataSource(
+        train=splits["train"],
+        val=splits.get("val"),
+        test=splits.get("test"),
+        classes=train.classes,
+        image_size=tuple(sizes.pop()),
+        channels=out_channels,
+        skipped=tuple(skipped),
+    )
+
+
+def _widen(split: ImageSplit, channels: int) -> ImageSplit:
+    # train all grayscale but a colour image in test: every split becomes RGB.
+    if split.images is None or split.images.shape[1] == channels:
+        return split
+    return ImageSplit(labels=split.labels, images=convert_channels(split.images, channels).contiguous())
+
+
+def _file_source(root, listings, size, channels, probe) -> DataSource:
+    sizes = {hw for hw, _ in probe}
+    if size is None and len(sizes) > 1:
+        a, b = sorted(sizes)[:2]
+        raise UserError(
+            f"the images under {root} differ in size (e.g. {a[0]}x{a[1]} and {b[0]}x{b[1]}, height x width); "
+            f'set "size" (e.g. {a[0]}) to resize every image to one size'
+        )
+    size = size or sizes.pop()
+    channels = channels or (1 if all(gray for _, gray in probe) else 3)
+    splits = {
+        name: ImageSplit(labels=listing.labels, files=tuple(map(Path, listing.files)))
+        for name, listing in listings.items()
+        if listing.files
+    }
+    return DataSource(
+        train=splits["train"],
+        val=splits.get("val"),
+        test=splits.get("test"),
+        classes=listings["train"].classes,
+        image_size=size,
+        channels=channels,
+    )
+
+
+# -- synthetic ---------------------------------------------------------------------------
+
+_SHAPES = ("circle", "square", "triangle", "cross", "ring", "flower", "frame", "ellipse", "bar", "hollow_triangle")
+_HUE_NAMES = ("red", "orange", "yellow", "chartreuse", "green", "spring", "cyan", "azure", "blue", "violet", "magenta", "rose")
+
+
+def synthetic(
+    num_classes: Annotated[int, Field(ge=2)] = 10,
+    image_size: Annotated[int, Field(ge=8)] = 32,
+    channels: Literal[1, 3] = 3,
+    train_size: Annotated[int, Field(ge=1)] = 2000,
+    val_size: Annotated[int, Field(ge=0)] = 500,
+    test_size: Annotated[int, Field(ge=0)] = 500,
+    seed: Annotated[int, Field(ge=0)] = 0,
+) -> DataSource:
+    """Coloured shapes on noisy backgrounds, drawn on the fly: learnable offline data.
+
+    A class is a combination of a shape and a colour. Several classes share
+    each colour and each shape, so neither the mean colour nor the outline
+    alone tells them apart. Position, size, rotation, shade, background and
+    noise vary per image; the same seed gives the same images.
+
+    Args:
+        num_classes: number of classes (shape x colour combinations; colours get closer beyond about 100).
+        image_size: height and width in pixels.
+        channels: 3 for RGB, 1 for grayscale (the luma of the RGB images).
+        train_size: images in the train split.
+        val_size: images in the validation split (0 for none).
+        test_size: images in the test split (0 for none).
+        seed: seed of every random draw.
+    """
+    if num_classes < 2 or image_size < 8 or channels not in (1, 3) or train_size < 1 or min(val_size, test_size) < 0:
+        raise ValueError("synthetic needs num_classes >= 2, image_size >= 8, channels 1 or 3, train_size >= 1, sizes >= 0")
+    n_shapes, n_colours = _synthetic_layout(num_classes)
+    splits = {}
+    for index, (name, count) in enumerate((("train", train_size), ("val", val_size), ("test", test_size))):
+        if count:
+            generator = torch.Generator().manual_seed((seed * 1_000_003 + index) % 2**63)
+            labels, images = _draw_shapes(count, num_classes, n_shapes, n_colours, image_size, generator)
+            splits[name] = ImageSplit(labels=labels, images=convert_channels(images, channels).contiguous())
+    classes = tuple(f"{_colour_name(c // n_shapes, n_colours)} {_SHAPES[c % n_shapes]}" for c in range(num_classes))
+    mean, std = channel_stats(splits["train"])
+    return DataSource(
+        train=splits["train"],
+        val=splits.get("val"),
+        test=splits.get("test"),
+        classes=classes,
+        image_size=(image_size, image_size),
+        channels=channels,
+        mean=mean,
+        std=std,
+    )
+
+
+def _synthetic_layout(num_classes: int) -> tuple[int, int]:
+    # About as many shapes as colours: 10 classes -> 4 shapes x 3 colours.
+    n_shapes = min(len(_SHAPES), max(2, math.ceil(math.sqrt(num_classes))))
+    return n_shapes, math.ceil(num_classes / n_shapes)
+
+
+def _colour_name(index: int, n_colours: int) -> str:
+    if n_colours > len(_HUE_NAMES):
+        return f"hue{round(360 * index / n_colours)}"
+    return _HUE_NAMES[round(len(_HUE_NAMES) * index / n_colours) % len(_HUE_NAMES)]
+
+
+def _draw_shapes(count, num_classes, n_shapes, n_colours, size, g) -> tuple[torch.Tensor, torch.Tensor]:
+    """``count`` labels (balanced, shuffled) and uint8 RGB images ``[count, 3, size, size]``."""
+
+    def uniform(lo, hi, *shape):
+        return torch.rand(*shape, generator=g) * (hi - lo) + lo
+
+    labels = (torch.arange(count) % num_classes)[torch.randperm(count, generator=g)]
+    shape_of, colour_of = labels % n_shapes, labels // n_shapes
+    # Per-image draws, made for the whole split first so they do not depend on chunking.
+    centre = uniform(-0.3, 0.3, count, 2)
+    scale = uniform(0.35, 0.6, count)
+    angle = uniform(0, 2 * math.pi, count)
+    hue = (colour_of.float() + uniform(-0.2, 0.2, count)) / n_colours
+    fg = _hsv_to_rgb(hue, uniform(0.65, 1.0, count), uniform(0.6, 1.0, count))
+    bg = _hsv_to_rgb(torch.rand(count, generator=g), uniform(0, 0.35, count), uniform(0.1, 0.9, count))
+    tilt = uniform(-0.25, 0.25, count, 2)  # a lighting gradient across the background
+    axis = torch.linspace(-1, 1, size)
+    y, x = torch.meshgrid(axis, axis, indexing="ij")
+    images = torch.empty(count, 3, size, size, dtype=torch.uint8)
+    # ~1 MB of floats per intermediate: enough to amortise the Python overhead,
+    # small enough that the allocator reuses memory instead of faulting in new pages.
+    chunk = max(1, 2**18 // (size * size))
+    for start in range(0, count, chunk):
+        i = slice(start, min(count, start + chunk))
+        n = i.stop - i.start
+        dx, dy = x - centre[i, 0, None, None], y - centre[i, 1, None, None]
+        cos, sin = angle[i].cos()[:, None, None], angle[i].sin()[:, None, None]
+        s = scale[i][:, None, None]
+        u, v = (dx * cos + dy * sin) / s, (dy * cos - dx * sin) / s
+        inside = torch.empty(n, size, size)
+        for k in range(n_shapes):
+            pick = (shape_of[i] == k).nonzero().flatten()
+            if len(pick):
+                inside[pick] = _SHAPE_FN[_SHAPES[k]](u[pick], v[pick])
+        # `inside` is a distance to the edge in shape units: scale to pixels for a 1-pixel soft edge.
+        alpha = (inside * s * (size / 2) + 0.5).clamp_(0, 1).unsqueeze(1)
+        light = 1 + tilt[i, 0, None, None] * x + tilt[i, 1, None, None] * y
+        pixels = torch.lerp(bg[i][:, :, None, None] * light.unsqueeze(1), fg[i][:, :, None, None], alpha)
+        # Grain shared by the three channels: drawing random numbers is the
+        # slowest step here, and per-channel noise adds nothing to learn.
+        pixels += torch.randn(n, 1, size, size, generator=g).mul_(0.06)
+        images[i] = pixels.mul_(255).add_(0.5).clamp_(0, 255)  # the uint8 cast truncates: rounds
+    return labels, images
+
+
+def _hsv_to_rgb(h, s, v) -> torch.Tensor:
+    """``[N]`` hue (turns), saturation, value -> ``[N, 3]`` RGB in [0, 1]."""
+    k = (torch.tensor([5.0, 3.0, 1.0]) + (h % 1)[:, None] * 6) % 6
+    return v[:, None] - (v * s)[:, None] * (torch.minimum(k, 4 - k).clamp(0, 1))
+
+
+def _polygon(u, v, sides: int, apothem: float = 0.8):
+    """Positive inside a regular polygon: the apothem minus the largest projection on an edge normal."""
+    angles = torch.arange(sides) * (2 * math.pi / sides) + math.pi / 2
+    projection = u[..., None] * angles.cos() + v[..., None] * angles.sin()
+    return apothem - projection.amax(-1)
+
+
+def _box(u, v, half_u: float, half_v: float):
+    return torch.minimum(half_u - u.abs(), half_v - v.abs())
+
+
+_SHAPE_FN = {
+    "circle": lambda u, v: 0.9 - torch.hypot(u, v),
+    "square": lambda u, v: _box(u, v, 0.75, 0.75),
+    "triangle": lambda u, v: _polygon(u, v, 3, 0.5),
+    "cross": lambda u, v: torch.maximum(_box(u, v, 0.95, 0.28), _box(u, v, 0.28, 0.95)),
+    "ring": lambda u, v: torch.minimum(0.95 - torch.hypot(u, v), torch.hypot(u, v) - 0.55),
+    "flower": lambda u, v: 0.6 + 0.35 * torch.cos(5 * torch.atan2(v, u)) - torch.hypot(u, v),
+    "frame": lambda u, v: torch.minimum(_box(u, v, 0.85, 0.85), -_box(u, v, 0.45, 0.45)),
+    "ellipse": lambda u, v: 0.6 - torch.hypot(u * 0.6, v * 1.4),
+    "bar": lambda u, v: _box(u, v, 0.95, 0.3),
+    "hollow_triangle": lambda u, v: torch.minimum(_polygon(u, v, 3, 0.55), -_polygon(u, v, 3, 0.22)),
+}
+
+
+@hookimpl
+def cnnreg_datasets():
+    return {
+        "cifar10": cifar10,
+        "cifar100": cifar100,
+        "mnist": mnist,
+        "fashion_mnist": fashion_mnist,
+        "kmnist": kmnist,
+        "imagefolder": imagefolder,
+        "synthetic": synthetic,
+    }
