@@ -148,7 +148,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
         rows = catalog.search(kind, args.pattern)
     except ImportError as exc:
         raise UserError(f"cannot list {args.pattern!r}: {exc}") from None
-    console = Console(highlight=False)
+    console = Console(highlight=False, soft_wrap=True)
     table = Table(title=f"cnnreg {PLURALS[kind] if kind else 'components'}", title_justify="left")
     for column in ("name", "kind", "plugin", "distribution", "summary"):
         table.add_column(column, overflow="fold")
@@ -185,7 +185,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from cnnreg.validate import dry_run_recipe
 
     problems: list[Any] = []
-    console = Console(highlight=False)
+    console = Console(highlight=False, soft_wrap=True)
     for path in args.recipes:
         try:
             recipe = load_recipe(path, disable=args.disable, overrides=parse_overrides(args.overrides))
@@ -242,7 +242,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     run = load_run(args.run_dir, checkpoint=args.checkpoint, device=args.device, disable=args.disable)
     result = evaluate(run, args.split)
-    print_evaluation(Console(highlight=False), result)
+    print_evaluation(Console(highlight=False, soft_wrap=True), result)
     return 0
 
 
@@ -252,7 +252,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     run = load_predictor(args.run_dir, checkpoint=args.checkpoint, device=args.device, disable=args.disable)
     predictions = predict(run, args.images, top_k=args.top_k)
-    console = Console(highlight=False)
+    console = Console(highlight=False, soft_wrap=True)
     if args.json:
         for p in predictions:
             sys.stdout.write(json.dumps({"image": p.source, "classes": list(p.classes),
@@ -278,7 +278,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     predictor = load_predictor(args.run_dir, checkpoint=args.checkpoint, device="cpu", disable=args.disable)
     path, error = export(predictor, args.format, args.output, args.run_dir)
-    Console(highlight=False).print(f"exported {_escape(str(path))}; outputs match the model (max abs diff {error:.2e})")
+    Console(highlight=False, soft_wrap=True).print(f"exported {_escape(str(path))}; outputs match the model (max abs diff {error:.2e})")
     return 0
 
 

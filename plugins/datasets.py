@@ -32,7 +32,7 @@ from torchvision import datasets as tvd
 from torchvision.datasets.utils import check_integrity, download_and_extract_archive
 
 from cnnreg import imagefiles
-from cnnreg.data import DataSource, ImageSplit
+from cnnreg.data import DatasetInfo, DataSource, ImageSplit, describes
 from cnnreg.errors import UserError
 from cnnreg.hookspecs import hookimpl
 from cnnreg.splits import channel_stats, convert_channels, stratified_split
@@ -49,9 +49,48 @@ _STATS = {
 }
 
 
+# -- describing without loading (cnnreg validate) --------------------------------------------
+
+_CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+_CIFAR100_CLASSES = tuple("""apple aquarium_fish baby bear beaver bed bee beetle bicycle bottle bowl boy bridge bus
+butterfly camel can castle caterpillar cattle chair chimpanzee clock cloud cockroach couch crab crocodile cup dinosaur
+dolphin elephant flatfish forest fox girl hamster house kangaroo keyboard lamp lawn_mower leopard lion lizard lobster
+man maple_tree motorcycle mountain mouse mushroom oak_tree orange orchid otter palm_tree pear pickup_truck pine_tree
+plain plate poppy porcupine possum rabbit raccoon ray road rocket rose sea seal shark shrew skunk skyscraper snail
+snake spider squirrel streetcar sunflower sweet_pepper table tank telephone television tiger tractor train trout tulip
+turtle wardrobe whale willow_tree wolf woman worm""".split())
+
+
+def _fixed(name: str, classes: tuple[str, ...], size: int, channels: int):
+    """A describe for a dataset whose shape and classes are fixed: no files needed."""
+
+    def describe(**_: object) -> DatasetInfo:
+        return DatasetInfo(classes=classes, image_size=(size, size), channels=channels,
+                           mean=_STATS[name][0], std=_STATS[name][1])
+
+    return describe
+
+
+def _describe_imagefolder(root: Path, size=None, channels=None, test_fraction: float = 0.0, **_: object) -> DatasetInfo:
+    """Class folders and the image size from a few headers; nothing is decoded."""
+    root = Path(root).expanduser().absolute()
+    if not root.is_dir():
+        raise UserError(f"image folder {root} {'is not a folder' if root.exists() else 'does not exist'}")
+    listings = _list_splits(root)
+    _check_images_found(root, listings)
+    probe = _probe(listings["train"].files, count=8)
+    pair = _pair(size)
+    height, width = pair or max((hw for hw, _ in probe), key=lambda hw: hw[0] * hw[1])
+    found_channels = channels or (1 if probe and all(gray for _, gray in probe) else 3)
+    present = tuple(listings) + (("test",) if "test" not in listings and test_fraction > 0 else ())
+    return DatasetInfo(classes=tuple(listings["train"].classes), image_size=(height, width),
+                       channels=found_channels, splits=present)
+
+
 # -- CIFAR -----------------------------------------------------------------------------
 
 
+@describes(_fixed("cifar10", _CIFAR10_CLASSES, 32, 3))
 def cifar10(root: Path, download: bool = False, verify: bool = True) -> DataSource:
     """CIFAR-10: 60,000 32x32 colour images of 10 classes (50,000 train, 10,000 test).
 
@@ -65,6 +104,7 @@ def cifar10(root: Path, download: bool = False, verify: bool = True) -> DataSour
     return _cifar(tvd.CIFAR10, "CIFAR-10", "163 MB", root, download, verify, *_STATS["cifar10"])
 
 
+@describes(_fixed("cifar100", _CIFAR100_CLASSES, 32, 3))
 def cifar100(root: Path, download: bool = False, verify: bool = True) -> DataSource:
     """CIFAR-100: 60,000 32x32 colour images of 100 classes (50,000 train, 10,000 test).
 
@@ -151,6 +191,7 @@ def _from_hwc(data, targets) -> ImageSplit:
 # -- MNIST and its relatives ----------------------------------------------------------
 
 
+@describes(_fixed("mnist", tuple(tvd.MNIST.classes), 28, 1))
 def mnist(root: Path, download: bool = False) -> DataSource:
     """MNIST: 70,000 28x28 grayscale handwritten digits (60,000 train, 10,000 test).
 
@@ -162,6 +203,7 @@ def mnist(root: Path, download: bool = False) -> DataSource:
     return _mnist_like(tvd.MNIST, "MNIST", root, download, *_STATS["mnist"])
 
 
+@describes(_fixed("fashion_mnist", tuple(tvd.FashionMNIST.classes), 28, 1))
 def fashion_mnist(root: Path, download: bool = False) -> DataSource:
     """Fashion-MNIST: 70,000 28x28 grayscale clothing images of 10 classes.
 
@@ -173,6 +215,7 @@ def fashion_mnist(root: Path, download: bool = False) -> DataSource:
     return _mnist_like(tvd.FashionMNIST, "Fashion-MNIST", root, download, *_STATS["fashion_mnist"])
 
 
+@describes(_fixed("kmnist", tuple(tvd.KMNIST.classes), 28, 1))
 def kmnist(root: Path, download: bool = False) -> DataSource:
     """Kuzushiji-MNIST: 70,000 28x28 grayscale cursive Japanese characters of 10 classes.
 
@@ -252,6 +295,7 @@ def _find_idx_files(cls, root: Path) -> tuple[Path, dict[str, Path] | None]:
 # -- image folders -----------------------------------------------------------------------
 
 
+@describes(_describe_imagefolder)
 def imagefolder(
     root: Path,
     size: Pixels | tuple[Pixels, Pixels] | None = None,
