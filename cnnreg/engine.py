@@ -333,7 +333,8 @@ def check_monitors(recipe: RecipeBase, metrics: Sequence[tuple[str, Metric]], sc
         name = getattr(callback, "monitor", None)
         if isinstance(name, str):
             check(name, ("callbacks", i, "monitor"))
-            callback_monitor = callback_monitor or name
+            if getattr(callback, "chooses_best", False):
+                callback_monitor = callback_monitor or name
     if problems:
         raise RecipeError(problems)
     default = ("val_accuracy" if has_val else "train_accuracy") if any(
@@ -678,9 +679,9 @@ def fit(run: Run, *, resume: bool = False) -> FitResult:
 
     def finish(reason: str) -> FitResult:
         result = _result(run, history, reason, timing)
-        run.pm.hook.cnnreg_fit_end(run=run, result=result)
         if run.run_dir is not None and run.is_main:
-            write_summary(run, result)
+            write_summary(run, result)  # first: a failing fit-end plugin must not lose it
+        run.pm.hook.cnnreg_fit_end(run=run, result=result)
         return result
 
     run.pm.hook.cnnreg_fit_start(run=run, start_epoch=start_epoch)

@@ -145,7 +145,10 @@ def cnnreg_callbacks() -> Factories:
         ``@hookimpl`` methods for the run events it handles. It is registered
         on the run's own plugin manager for the duration of one run. An object
         with ``state_dict()``/``load_state_dict()`` has its state saved in
-        resumable checkpoints.
+        resumable checkpoints. A string attribute ``monitor`` is checked
+        against the metrics the run reports before training starts; with
+        ``chooses_best = True`` too (the checkpoint callback) it becomes the
+        run's monitor unless ``trainer.monitor`` is set.
     """
 
 
