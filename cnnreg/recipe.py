@@ -307,7 +307,8 @@ def validate_raw(raw: dict[str, Any], source: RecipeSource, catalog: Catalog, pm
         problems += [p for p in _translate(exc, model) if not any(p.path[: len(s)] == s for s in settled)]
         recipe = None
     if problems:
-        located = [locate(p, source, prefer_key=p.message.startswith("unknown")) for p in problems]
+        located = [locate(p, source, prefer_key=p.message.startswith(("unknown parameter", "unknown key")))
+                   for p in problems]
         raise RecipeError(sorted(located, key=lambda p: (p.line or 0, p.column or 0)))
     assert recipe is not None
     recipe._source, recipe._catalog, recipe._pm = source, catalog, pm

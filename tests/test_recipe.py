@@ -45,37 +45,37 @@ def test_the_golden_recipe_is_valid(tmp_path, capsys):
 
 @pytest.mark.parametrize("old, new, expected", [
     # depth 1
-    ('"trainer"', '"trainr"', 'golden.json:11:3 trainr: unknown key of the recipe; did you mean \'trainer\'?'),
+    ('"trainer"', '"trainr"', 'golden.json:12:3 trainr: unknown key of the recipe; did you mean \'trainer\'?'),
     # depth 2
-    ('"epochs": 2', '"epoch": 2', "golden.json:11:15 trainer.epoch: unknown key of trainer; did you mean 'epochs'?"),
+    ('"epochs": 2', '"epoch": 2', "golden.json:12:15 trainer.epoch: unknown key of trainer; did you mean 'epochs'?"),
     ('"lr": 0.001', '"lr_sheduler": 0.001',
-     "golden.json:10:33 optimizer.lr_sheduler: unknown parameter of 'adam'; 'adam' takes: lr, betas, eps, "
+     "golden.json:11:33 optimizer.lr_sheduler: unknown parameter of 'adam'; 'adam' takes: lr, betas, eps, "
      "weight_decay, amsgrad"),
     # depth 3
     ('"monitor": "val_loss"', '"monitr": "val_loss"',
-     "golden.json:12:46 callbacks[0].monitr: unknown parameter of 'early_stopping'; did you mean 'monitor'?"),
+     "golden.json:13:44 callbacks[0].monitr: unknown parameter of 'early_stopping'; did you mean 'monitor'?"),
     # depth 4
     ('"padding": 2', '"paddin": 2',
-     "golden.json:7:51 transforms.train[1].paddin: unknown parameter of 'random_crop'; did you mean 'padding'?"),
+     "golden.json:7:43 transforms.train[1].paddin: unknown parameter of 'random_crop'; did you mean 'padding'?"),
     # a wrong type
     ('"batch_size": 16', '"batch_size": "sixteen"',
-     'golden.json:3:79 data.batch_size: expected a valid integer; got "sixteen"'),
+     'golden.json:3:83 data.batch_size: expected a valid integer; got "sixteen"'),
     # a value out of range
-    ('"lr": 0.001', '"lr": -0.1', "golden.json:10:39 optimizer.lr: must be greater than 0; got -0.1"),
+    ('"lr": 0.001', '"lr": -0.1', "golden.json:11:39 optimizer.lr: must be greater than 0; got -0.1"),
     # a missing required field
     ('"size": 12, ', '', "golden.json:7:7 transforms.train[1].size: missing required parameter 'size' of 'random_crop'"),
     # an unknown component name that is another kind's
     ('{"name": "simple_cnn"}', '{"name": "adam"}',
-     "golden.json:9:21 model.name: unknown model 'adam'; 'adam' is an optimizer, not a model"),
+     "golden.json:10:21 model.name: unknown model 'adam'; 'adam' is an optimizer, not a model"),
     # a near miss
     ('{"name": "simple_cnn"}', '{"name": "simple_cn"}',
-     "golden.json:9:21 model.name: unknown model 'simple_cn'; did you mean 'simple_cnn'?"),
+     "golden.json:10:21 model.name: unknown model 'simple_cn'; did you mean 'simple_cnn'?"),
     # malformed JSON
-    ('"epochs": 2}', '"epochs": 2,}', "golden.json:11:28 trailing comma before '}'"),
+    ('"epochs": 2}', '"epochs": 2,}', "golden.json:12:26: trailing comma before '}'"),
     ('"model": {"name": "simple_cnn"},', '"model": {"name": "simple_cnn"',
-     "golden.json:10:3 expected ',' or '}' after a member; is a comma missing?"),
+     "golden.json:11:3: expected ',' or '}' after a member; is a comma missing?"),
     ('"trainer": {"epochs": 2}', '"trainer": {"epochs": 2}, "trainer": {}',
-     "golden.json:11:29 duplicate key 'trainer' (first at line 11, column 3)"),
+     "golden.json:12:29: duplicate key 'trainer' (first at line 12, column 3)"),
 ])
 def test_golden_error_messages(tmp_path, capsys, old, new, expected):
     assert old in RECIPE
@@ -99,14 +99,14 @@ def test_cli_error_has_no_traceback_and_exits_2(tmp_path):
     result = cli("run", str(path))
     assert result.returncode == 2
     assert "Traceback" not in result.stderr + result.stdout
-    assert f"{path}:11:15 trainer.epoch: unknown key of trainer; did you mean 'epochs'?" in result.stderr
+    assert f"{path}:12:15 trainer.epoch: unknown key of trainer; did you mean 'epochs'?" in result.stderr
     assert not (tmp_path / "runs").exists()
 
 
 @pytest.mark.parametrize("content, message", [
     (b"", "golden.json:1:1: the file is empty; a recipe is a JSON object"),
     (b"[1, 2]", "golden.json:1:1: a recipe is a JSON object ({...}), not an array"),
-    (b'{"name": "caf\xe9"}', "golden.json:1:13: not valid UTF-8 text (byte 0xe9); a recipe is a JSON file"),
+    (b'{"name": "caf\xe9"}', "golden.json:1:14: not valid UTF-8 text (byte 0xe9); a recipe is a JSON file"),
     (b"\x00\x01\x02binary", "golden.json:1:1: contains NUL bytes: a binary file, not a JSON recipe"),
 ])
 def test_unreadable_files(tmp_path, capsys, content, message):
