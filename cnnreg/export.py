@@ -81,8 +81,12 @@ def _onnx(module: torch.nn.Module, example: torch.Tensor, path: Path):
         raise UserError("ONNX export needs the onnx package: pip install 'cnnreg-framework[onnx]'") from None
 
     def write(tmp: Path) -> None:
-        torch.onnx.export(module, (example,), str(tmp), input_names=["images"], output_names=["logits"],
-                          dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
+        # torch.export-based exporter: the legacy one cannot export adaptive
+        # pooling to a size that does not divide the input (the tutorial models
+        # at other input sizes).
+        program = torch.onnx.export(module, (example,), dynamo=True, verbose=False, input_names=["images"],
+                                    output_names=["logits"], dynamic_shapes=({0: torch.export.Dim("batch")},))
+        program.save(str(tmp))
 
     checkpoint.atomic_write(path, write)
     onnx.checker.check_model(str(path))
