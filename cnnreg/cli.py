@@ -30,6 +30,9 @@ examples:
   cnnreg evaluate runs/quickstart-... --split test
   cnnreg predict runs/quickstart-... cat.png --top-k 3
   cnnreg export runs/quickstart-... --format onnx
+  cnnreg runs                                    list the runs under ./runs
+  cnnreg sweep recipe.json                       one run per point of the recipe's sweep section
+  torchrun --nproc-per-node 2 -m cnnreg run recipe.json   data parallel (or: cnnreg run --nproc 2 ...)
 """
 
 KIND_ALIASES = {"models": "model", "datasets": "dataset", "data": "dataset", "transforms": "transform",
@@ -97,6 +100,16 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="override trainer.device (cpu, cuda, cuda:1, mps)")
     p.add_argument("--output-dir", type=Path, help="where run directories go (default ./runs)")
     p.add_argument("--nproc", type=int, metavar="N", help="run N processes with torch.distributed.run")
+
+    p = command("sweep", cmd_sweep, "train every point of a recipe's sweep section and rank them")
+    p.add_argument("recipe", type=Path, help="recipe JSON file with a sweep section")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                   help="override a recipe value for every trial")
+    p.add_argument("--device", help="override trainer.device")
+    p.add_argument("--output-dir", type=Path, help="where the sweep folder goes (default ./runs)")
+
+    p = command("runs", cmd_runs, "list run directories: progress, best metric, why they stopped")
+    p.add_argument("dir", nargs="?", type=Path, default=Path("runs"), help="folder holding runs (default ./runs)")
 
     p = command("validate", cmd_validate, "check recipes and dry-run them on the CPU")
     p.add_argument("recipes", nargs="+", type=Path)
@@ -204,6 +217,15 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     if args.nproc:
         return _launch_distributed(args)
+    from cnnreg import distributed
+
+    try:
+        return _run(args)
+    finally:
+        distributed.teardown()  # under torchrun: leave the process group so every rank exits cleanly
+
+
+def _run(args: argparse.Namespace) -> int:
     from cnnreg.engine import build, fit
     from cnnreg.recipe import load_recipe
 
@@ -225,6 +247,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.recipe is None:
         raise UserError("give a recipe file, or --resume RUN_DIR")
     recipe = load_recipe(args.recipe, disable=args.disable, overrides=overrides)
+    if recipe.sweep is not None:
+        # Training only the base values would look like a finished sweep; say what to run instead.
+        raise UserError(f"{args.recipe} has a sweep section: run it with `cnnreg sweep {args.recipe}`, "
+                        "or remove the section (or --set sweep=null) to train it once")
     if recipe.cross_validation is not None:
         from cnnreg.crossval import cross_validate
 
@@ -233,6 +259,82 @@ def cmd_run(args: argparse.Namespace) -> int:
     run = build(recipe, device=args.device)
     fit(run)
     return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from cnnreg import distributed
+    from cnnreg.sweep import run_sweep
+
+    overrides = parse_overrides(args.overrides)
+    if args.output_dir is not None:
+        overrides["output_dir"] = str(args.output_dir.resolve())
+    try:
+        run_sweep(args.recipe, disable=args.disable, overrides=overrides, device=args.device)
+    finally:
+        distributed.teardown()
+    return 0
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    root = args.dir
+    if not root.is_dir():
+        raise UserError(f"{root} is not a folder; give the folder that holds run directories (default ./runs)")
+    rows = [describe_run(path.parent) for path in root.rglob("run.json")]
+    rows.sort(key=lambda r: (r["created"], r["name"]))
+    console = Console(highlight=False, soft_wrap=True)
+    if not rows:
+        console.print(f"no runs under {_escape(str(root))}")
+        return 0
+    table = Table(title=f"runs under {root}", title_justify="left")
+    for column, justify in (("name", "left"), ("date", "left"), ("epochs", "right"), ("best", "left"),
+                            ("stopped", "left"), ("path", "left")):
+        table.add_column(column, justify=justify, overflow="fold")  # type: ignore[arg-type]
+    for r in rows:
+        table.add_row(*(_escape(str(r[k])) for k in ("name", "date", "epochs", "best", "stopped", "path")))
+    console.print(table)
+    return 0
+
+
+def describe_run(run_dir: Path) -> dict[str, str]:
+    """One row of ``cnnreg runs``, from run.json and summary.json; damaged or missing files show as such."""
+    info = _read_json(run_dir / "run.json") or {}
+    recipe = info.get("recipe") or {}
+    summary = _read_json(run_dir / "summary.json")
+    planned = (recipe.get("trainer") or {}).get("epochs", "?")
+    created = str(info.get("created", ""))
+    row = {"name": recipe.get("name", run_dir.name), "created": created, "date": created.replace("T", " "),
+           "path": str(run_dir)}
+    if summary is None:
+        done = _epochs_logged(run_dir)
+        row.update(epochs=f"{done if done is not None else '?'}/{planned}", best="", stopped="running or interrupted")
+        return row
+    monitor, epoch = summary.get("monitor"), summary.get("best_epoch")
+    value = (summary.get("best") or {}).get(monitor)
+    best = f"{monitor}={value:.4g} at epoch {epoch}" if isinstance(value, (int, float)) else "none"
+    row.update(epochs=f"{summary.get('epochs_run', '?')}/{planned}", best=best, stopped=str(summary.get("stopped", "")))
+    return row
+
+
+def _epochs_logged(run_dir: Path) -> int | None:
+    """Epochs an unfinished run has logged to metrics.jsonl (when the metrics logger ran)."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return None
+    epochs = set()
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            epochs.add(json.loads(line)["epoch"])
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue  # a line cut by a crash
+    return len(epochs)
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -313,7 +415,19 @@ def _launch_distributed(args: argparse.Namespace) -> int:
         forwarded += ["--device", args.device]
     if args.output_dir:
         forwarded += ["--output-dir", str(args.output_dir)]
-    torchrun.main(["--standalone", f"--nproc-per-node={args.nproc}", "-m", "cnnreg", "run", *forwarded])
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    try:
+        torchrun.main(["--standalone", f"--nproc-per-node={args.nproc}", "-m", "cnnreg", "run", *forwarded])
+    except ChildFailedError as exc:
+        # each rank has printed its own error; torch's report of it adds a traceback, not information
+        failures = exc.failures
+        # the rank that failed first exits with a status; torchrun then stops the others with a signal
+        codes = [f.exitcode for _, f in sorted(failures.items()) if f.exitcode > 0]
+        code = codes[0] if codes else 1
+        Console(stderr=True, highlight=False).print(f"[bold red]error[/]: {len(failures)} of {args.nproc} "
+                                                    f"processes failed (exit status {code})")
+        return code
     return 0
 
 

@@ -147,6 +147,7 @@ def build(
     model.to(run_device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
+    model = distributed.sync_batchnorm(model, dist, opts.sync_batchnorm)
     loss_fn = instantiate(recipe, "loss", ("loss",), recipe.loss, context={"num_classes": data.num_classes})
     optimizer = instantiate(recipe, "optimizer", ("optimizer",), recipe.optimizer, live=param_groups(model))
 
@@ -168,6 +169,8 @@ def build(
         run_dir = Path(run_dir) if run_dir is not None else new_run_dir(recipe, fold)
     elif not output:
         run_dir = None
+    # Ranks > 0 keep a run_dir they were given (--resume: every rank reads
+    # last.pt) but never create one; everything that writes checks is_main.
     step_model = distributed.wrap(model, dist)
     if opts.compile != "off":
         step_model = torch.compile(step_model, mode=None if opts.compile == "default" else opts.compile)
@@ -702,8 +705,11 @@ def fit(run: Run, *, resume: bool = False) -> FitResult:
                 step_epoch_scheduler(run, record)
                 run.pm.hook.cnnreg_epoch_end(run=run, record=record)
                 reasons = [r for r in run.pm.hook.cnnreg_should_stop(run=run, record=record) if r]
+                # every rank must leave the loop at the same epoch, or the others hang
+                decision = distributed.agree("; ".join(reasons) or None, run.dist)
+                reasons = [decision] if decision else []
                 if reasons:
-                    stopped = "; ".join(reasons)
+                    stopped = decision
                 periodic = opts.checkpoint_every and epoch % opts.checkpoint_every == 0
                 if periodic or reasons or epoch == opts.epochs:
                     save_training_state(run, epoch, history=history)
@@ -815,7 +821,8 @@ def training_state(run: Run, epoch: int, step_in_epoch: int = 0, tallies: Tallie
         "optimizer": run.optimizer.state_dict(),
         "scheduler": run.schedule.scheduler.state_dict() if run.schedule else None,
         "scaler": run.scaler.state_dict() if run.scaler else None,
-        "rng": rng_state(),
+        "rng": rng_state(),  # rank 0's: every rank restores it on resume (they start from one seed too)
+        "world_size": run.dist.world_size,
         "callbacks": [cb.state_dict() if hasattr(cb, "state_dict") else None for cb in run.callbacks],
         "partial": tallies.state() if (tallies is not None and step_in_epoch) else None,
         "history": [record_to_json(r) for r in history],
@@ -845,14 +852,22 @@ def restore_training_state(run: Run, state: dict[str, Any]) -> tuple[int, int, d
     for callback, saved in zip(run.callbacks, state.get("callbacks", [])):
         if saved is not None and hasattr(callback, "load_state_dict"):
             callback.load_state_dict(saved)
+    step_in_epoch = state.get("step_in_epoch", 0)
+    saved_world = state.get("world_size", 1)
+    if step_in_epoch and saved_world != run.dist.world_size:
+        # the position is counted in per-rank batches, which another world size cuts differently
+        raise UserError(f"this checkpoint was saved mid-epoch by {saved_world} process(es); resume it with "
+                        f"{saved_world} (now {run.dist.world_size}), or from an end-of-epoch checkpoint")
     set_rng_state(state["rng"])
     history = [record_from_json(r) for r in state.get("history", [])]
     partial = state.get("partial")
+    if partial is not None and not run.is_main:
+        partial = None  # the saved tallies are rank 0's; loaded on every rank, the all-reduce would repeat them
     if partial is not None:
         partial = {k: (v.to(run.device) if isinstance(v, torch.Tensor) else
                        [t.to(run.device) if isinstance(t, torch.Tensor) else t for t in v] if isinstance(v, list) else v)
                    for k, v in partial.items()}
-    return state["epoch"] + 1, state.get("step_in_epoch", 0), partial, history
+    return state["epoch"] + 1, step_in_epoch, partial, history
 
 
 def record_to_json(record: EpochRecord) -> dict[str, Any]:

@@ -73,6 +73,8 @@ class TrainerOptions(Strict):
     on_nan: Literal["stop", "skip"] = Field("stop", description="A NaN/inf loss stops the run, or skips that step.")
     progress: Literal["auto", "rich", "plain", "off"] = Field(
         "auto", description="auto: rich bars on a terminal, one plain line per epoch otherwise.")
+    sync_batchnorm: bool = Field(False, description="With several processes (torchrun), compute BatchNorm statistics "
+                                 "over the global batch (torch SyncBatchNorm; CUDA only).")
 
 
 class DataOptions(Strict):
@@ -98,6 +100,46 @@ class CrossValidation(Strict):
     seed: int | None = Field(None, ge=0, description="Seed of the fold assignment; default: the recipe's seed.")
 
 
+class SweepRange(Strict):
+    """A continuous range a random sweep draws from."""
+
+    low: float
+    high: float
+    log: bool = Field(False, description="Draw uniformly in log space (learning rates, weight decay).")
+
+    @pydantic.model_validator(mode="after")
+    def _ordered(self) -> "SweepRange":
+        if not self.low < self.high:
+            raise ValueError(f"low ({self.low:g}) must be less than high ({self.high:g})")
+        if self.log and self.low <= 0:
+            raise ValueError(f"a log range needs low > 0, not {self.low:g}")
+        return self
+
+
+class Sweep(Strict):
+    """A hyperparameter sweep: ``cnnreg sweep`` trains one run per combination (grid) or draw (random)."""
+
+    method: Literal["grid", "random"] = Field("grid", description="grid: every combination; random: budget draws.")
+    parameters: dict[str, Annotated[list[Any], Field(min_length=1)] | SweepRange] = Field(
+        min_length=1, description='Dotted recipe keys and their values, e.g. {"optimizer.lr": [0.01, 0.001]}; '
+        'random sweeps also take ranges {"low": 1e-4, "high": 0.1, "log": true}.')
+    budget: int | None = Field(None, ge=1, le=10_000, description="Number of random draws (random sweeps).")
+    seed: int = Field(0, ge=0, description="Seed of the random draws.")
+
+    @pydantic.model_validator(mode="after")
+    def _fits_method(self) -> "Sweep":
+        if self.method == "random" and self.budget is None:
+            raise ValueError("a random sweep needs a budget (the number of runs)")
+        if self.method == "grid":
+            ranges = [k for k, v in self.parameters.items() if isinstance(v, SweepRange)]
+            if ranges:
+                raise ValueError(f"a grid sweep takes lists of values; {', '.join(ranges)} is a range "
+                                 "(use method \"random\", or list the values)")
+            if self.budget is not None:
+                raise ValueError("budget is for random sweeps; a grid runs every combination")
+        return self
+
+
 class RecipeBase(Strict):
     """The parts of a recipe that do not depend on installed plugins."""
 
@@ -109,6 +151,7 @@ class RecipeBase(Strict):
     cross_validation: CrossValidation | None = None
     output_dir: RecipePath | None = Field(None, description="Where run directories go; default ./runs.")
     disable_plugins: list[str] = Field(default_factory=list, description="Plugins to block for this recipe.")
+    sweep: Sweep | None = Field(None, description="Hyperparameter sweep, run with `cnnreg sweep`.")
 
     _source: RecipeSource | None = PrivateAttr(default=None)
     _catalog: Catalog | None = PrivateAttr(default=None)
