@@ -10,6 +10,7 @@ figures.
 from __future__ import annotations
 
 import json
+import os
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +42,8 @@ def cross_validate(recipe: RecipeBase, *, device: str | None = None, output: boo
     cv = recipe.cross_validation
     if cv is None:
         raise UserError("the recipe has no cross_validation section")
-    parent = new_run_dir(recipe) if output else None
+    # Under torchrun only rank 0 makes folders; the others write nothing.
+    parent = new_run_dir(recipe) if output and os.environ.get("RANK", "0") == "0" else None
     results = []
     for fold in range(cv.folds):
         run_dir = parent / f"fold-{fold + 1}" if parent is not None else None
