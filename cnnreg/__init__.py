@@ -37,7 +37,7 @@ __all__ = [
 # The engine imports torch; keep `import cnnreg` (and so `cnnreg ls`) light
 # until one of these is used.
 _LAZY = {
-    "build": "cnnreg.engine", "fit": "cnnreg.engine", "evaluate": "cnnreg.engine", "predict": "cnnreg.engine",
+    "build": "cnnreg.engine", "fit": "cnnreg.engine", "evaluate": "cnnreg.engine", "predict": "cnnreg.prediction",
     "cross_validate": "cnnreg.crossval", "load_run": "cnnreg.runs", "load_predictor": "cnnreg.runs",
     "Family": "cnnreg.registry", "DataSource": "cnnreg.data", "ImageSplit": "cnnreg.data",
     "DataContext": "cnnreg.data", "UserError": "cnnreg.errors", "RecipeError": "cnnreg.errors",

@@ -349,7 +349,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from cnnreg.engine import predict
+    from cnnreg.prediction import predict
     from cnnreg.runs import load_predictor
 
     run = load_predictor(args.run_dir, checkpoint=args.checkpoint, device=args.device, disable=args.disable)

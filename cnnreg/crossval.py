@@ -19,7 +19,8 @@ from rich.console import Console
 from rich.table import Table
 
 from cnnreg import checkpoint
-from cnnreg.engine import build, fit, new_run_dir
+from cnnreg.engine import build, fit
+from cnnreg.rundir import new_run_dir
 from cnnreg.errors import UserError
 from cnnreg.recipe import RecipeBase
 from cnnreg.records import FitResult

@@ -1,4 +1,4 @@
-"""The engine: ``build(recipe) -> Run``, ``fit(run) -> FitResult``, ``evaluate``, ``predict``.
+"""The engine: ``build(recipe) -> Run``, ``fit(run) -> FitResult``, ``evaluate(run, split)``.
 
 Plain functions, readable top to bottom. The model and the optimizer (with
 its scheduler and scaler) are the only mutable objects. Data lives on the
@@ -10,34 +10,32 @@ epoch, so the training step never waits for the host.
 from __future__ import annotations
 
 import contextlib
-import json
+import difflib
 import math
 import signal
 import threading
 import time
 from dataclasses import dataclass, field, replace
-from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
 
-from cnnreg import checkpoint, distributed
+from cnnreg import checkpoint, distributed, splits
 from cnnreg.batches import make_batches
 from cnnreg.components import instantiate
 from cnnreg.data import DataContext, DatasetInfo, DataSource, ImageSplit
-from cnnreg.device import (autocast, configure_backends, resolve_device, resolve_precision, rng_state,
-                           seed_everything, set_rng_state)
+from cnnreg.device import autocast, configure_backends, resolve_device, resolve_precision, seed_everything
 from cnnreg.errors import RecipeError, UserError
 from cnnreg.plugins import PluginManager
 from cnnreg.recipe import RecipeBase
-from cnnreg.records import (EpochRecord, EvalResult, FitResult, Metric, Prediction, ProgressRecord, Schedule, Tally,
-                            infer_mode)
-from cnnreg import splits
+from cnnreg.records import EpochRecord, EvalResult, FitResult, Metric, ProgressRecord, Schedule, infer_mode
+from cnnreg.rundir import new_run_dir, write_run_files, write_summary
+from cnnreg.state import restore_training_state, save_training_state
+from cnnreg.tallies import LossReader, Tallies
 
 PROGRESS_INTERVAL = 0.25  # seconds between progress hook calls
-STATE_FORMAT = 1
 
 
 class Interrupted(Exception):
@@ -321,7 +319,6 @@ def check_monitors(recipe: RecipeBase, metrics: Sequence[tuple[str, Metric]], sc
 
     def check(name: str | None, path: tuple) -> None:
         if name is not None and name not in names:
-            import difflib
             close = difflib.get_close_matches(name, sorted(names), n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
             no_val = "" if has_val else " (this run has no validation split)"
@@ -358,116 +355,7 @@ def run_plugin_manager(parent: PluginManager, callbacks: Iterable[object]) -> Pl
     return pm
 
 
-def new_run_dir(recipe: RecipeBase, fold: int | None = None) -> Path:
-    root = recipe.output_dir or Path.cwd() / "runs"
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    base = f"{recipe.name}-{stamp}" + (f"-fold{fold + 1}" if fold is not None else "")
-    for n in range(1, 1000):
-        candidate = root / (base if n == 1 else f"{base}-{n}")
-        try:
-            candidate.mkdir(parents=True, exist_ok=False)
-            return candidate
-        except FileExistsError:
-            continue
-    raise UserError(f"could not create a run directory under {root}")
-
-
-def write_run_files(run: Run) -> None:
-    """The resolved recipe (re-runnable, resumable) and the environment it ran in."""
-    run.run_dir.mkdir(parents=True, exist_ok=True)
-    recipe = run.recipe.to_json()
-    checkpoint.atomic_write_text(run.run_dir / "recipe.json", json.dumps(recipe, indent=2) + "\n")
-    plugins = {name: str(run.recipe.plugins.origin(name)) for name, _ in run.recipe.plugins.list_name_plugin()}
-    info = {
-        "recipe": recipe,
-        "created": datetime.now().isoformat(timespec="seconds"),
-        "seed": run.recipe.seed,
-        "device": str(run.device),
-        "device_name": torch.cuda.get_device_name(run.device) if run.device.type == "cuda" else run.device.type,
-        "precision": run.precision,
-        "channels_last": run.channels_last,
-        "world_size": run.dist.world_size,
-        "versions": {"torch": torch.__version__, "cuda": torch.version.cuda, "cudnn":
-                     torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
-                     "cnnreg": _version()},
-        "plugins": plugins,
-        "broken_plugins": [str(b) for b in run.recipe.catalog.broken],
-        "data": {"classes": list(run.data.classes), "image_size": list(run.data.image_size),
-                 "channels": run.context.channels, "mean": run.context.mean, "std": run.context.std,
-                 "splits": {name: len(b.split) if hasattr(b, "split") else b.num_samples
-                            for name, b in run.batches.items()},
-                 "skipped_files": [list(s) for s in run.data.skipped]},
-    }
-    checkpoint.atomic_write_text(run.run_dir / "run.json", json.dumps(info, indent=2, default=str) + "\n")
-
-
-def _version() -> str:
-    from importlib import metadata
-    try:
-        return metadata.version("cnnreg-framework")
-    except metadata.PackageNotFoundError:
-        return "unknown"
-
-
 # -- the step ----------------------------------------------------------------------------------
-
-
-class Tallies:
-    """Device-side accumulators for one pass over a split: loss sum, count,
-    confusion matrix, and each metric's own state. Read once, by :meth:`read`."""
-
-    def __init__(self, num_classes: int, metrics: Sequence[tuple[str, Metric]], device: torch.device):
-        self.num_classes = num_classes
-        self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        self.count = torch.zeros((), dtype=torch.int64, device=device)
-        self.confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=device)
-        self.extra = [m.init(num_classes, device) if m.init else None for _, m in metrics]
-        self.metrics = metrics
-        self.bad_step = torch.full((), -1, dtype=torch.int64, device=device)
-
-    def update(self, logits: torch.Tensor, targets: torch.Tensor, loss: torch.Tensor) -> None:
-        logits = logits.detach()
-        n = targets.shape[0]
-        self.loss_sum += loss.detach().double() * n
-        self.count += n
-        predicted = logits.argmax(dim=1)
-        self.confusion += torch.bincount(targets * self.num_classes + predicted, minlength=self.num_classes ** 2)
-        for (_, metric), state in zip(self.metrics, self.extra):
-            if metric.update is not None:
-                metric.update(state, logits, targets)
-
-    def state(self) -> dict[str, Any]:
-        return {"loss_sum": self.loss_sum, "count": self.count, "confusion": self.confusion, "extra": self.extra}
-
-    def load(self, state: dict[str, Any]) -> None:
-        self.loss_sum.copy_(state["loss_sum"])
-        self.count.copy_(state["count"])
-        self.confusion.copy_(state["confusion"])
-        for mine, saved in zip(self.extra, state["extra"]):
-            if mine is not None:
-                mine.copy_(saved)
-
-    def all_reduce(self, dist: distributed.DistInfo) -> None:
-        for tensor in [self.loss_sum, self.count, self.confusion, *[e for e in self.extra if e is not None]]:
-            distributed.all_reduce(tensor, dist)
-
-    def read(self, split: str, classes: tuple[str, ...]) -> EvalResult:
-        """The one host synchronisation per pass."""
-        confusion = self.confusion.view(self.num_classes, self.num_classes).cpu()
-        count = int(self.count.item())
-        loss = float(self.loss_sum.item()) / max(count, 1)
-        metrics: dict[str, float] = {"loss": loss}
-        per_class: dict[str, tuple[float, ...]] = {"support": tuple(float(v) for v in confusion.sum(1).tolist())}
-        for (_, metric), extra in zip(self.metrics, self.extra):
-            tally = Tally(confusion=confusion, loss_sum=loss * count, count=count,
-                          extra=extra.cpu() if extra is not None else None)
-            for name, value in metric.compute(tally).items():
-                if isinstance(value, (list, tuple)):
-                    per_class[name.removesuffix("_per_class")] = tuple(float(v) for v in value)
-                else:
-                    metrics[name] = float(value)
-        return EvalResult(split=split, metrics=metrics, per_class=per_class,
-                          confusion=tuple(tuple(int(v) for v in row) for row in confusion.tolist()), classes=classes)
 
 
 def prepare(run: Run, images: torch.Tensor, transforms: Sequence[Callable]) -> torch.Tensor:
@@ -478,36 +366,6 @@ def prepare(run: Run, images: torch.Tensor, transforms: Sequence[Callable]) -> t
     if run.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     return x
-
-
-class LossReader:
-    """The latest finished value of a device scalar, read without waiting.
-
-    The training loop never calls ``.item()``: every few hundred milliseconds
-    it copies the running loss into pinned host memory (non-blocking) and
-    records an event; the value is shown once the event says it arrived.
-    """
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        self.host = torch.zeros(2, dtype=torch.float64, pin_memory=self.cuda)
-        self.event = torch.cuda.Event() if self.cuda else None
-        self.pending = False
-        self.value: float | None = None
-
-    def poll(self, loss_sum: torch.Tensor, count: torch.Tensor) -> float | None:
-        if not self.cuda:
-            n = int(count)
-            return float(loss_sum) / n if n else None
-        if self.pending and self.event.query():
-            self.value = float(self.host[0]) / max(float(self.host[1]), 1.0)
-            self.pending = False
-        if not self.pending:
-            self.host[0].copy_(loss_sum, non_blocking=True)
-            self.host[1].copy_(count, non_blocking=True)
-            self.event.record()
-            self.pending = True
-        return self.value
 
 
 def train_epoch(run: Run, epoch: int, tallies: Tallies, skip_batches: int, stop: StopFlag,
@@ -781,179 +639,3 @@ def _result(run: Run, history: list[EpochRecord], stopped: str, timing: Timing) 
     return FitResult(records=tuple(history), monitor=run.monitor, mode=run.mode, best_epoch=best, stopped=stopped,
                      train_seconds=timing.train_seconds - timing.compile_seconds,
                      compile_seconds=timing.compile_seconds, run_dir=run.run_dir)
-
-
-def write_summary(run: Run, result: FitResult) -> None:
-    best, last = result.best, result.last
-    summary = {
-        "name": run.recipe.name,
-        "stopped": result.stopped,
-        "epochs_run": len(result.records),
-        "monitor": result.monitor,
-        "mode": result.mode,
-        "best_epoch": result.best_epoch,
-        "best": dict(best.metrics) if best else None,
-        "last": dict(last.metrics) if last else None,
-        "train_seconds": round(result.train_seconds, 3),
-        "compile_seconds": round(result.compile_seconds, 3),
-        "classes": list(run.data.classes),
-        "per_class": {split: {k: list(v) for k, v in ev.per_class.items()}
-                      for split, ev in (last.evals.items() if last else [])},
-    }
-    checkpoint.atomic_write_text(run.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
-
-
-# -- training state (resume) -------------------------------------------------------------------
-
-
-def training_state(run: Run, epoch: int, step_in_epoch: int = 0, tallies: Tallies | None = None,
-                   history: Sequence[EpochRecord] = ()) -> dict[str, Any]:
-    """Everything needed to continue exactly where training is now.
-
-    :param epoch: the last completed epoch.
-    :param step_in_epoch: batches of epoch ``epoch + 1`` already run (interrupted mid-epoch).
-    """
-    return {
-        "format": STATE_FORMAT,
-        "epoch": epoch,
-        "step_in_epoch": step_in_epoch,
-        "model": checkpoint.unwrap(run.model).state_dict(),
-        "optimizer": run.optimizer.state_dict(),
-        "scheduler": run.schedule.scheduler.state_dict() if run.schedule else None,
-        "scaler": run.scaler.state_dict() if run.scaler else None,
-        "rng": rng_state(),  # rank 0's: every rank restores it on resume (they start from one seed too)
-        "world_size": run.dist.world_size,
-        "callbacks": [cb.state_dict() if hasattr(cb, "state_dict") else None for cb in run.callbacks],
-        "partial": tallies.state() if (tallies is not None and step_in_epoch) else None,
-        "history": [record_to_json(r) for r in history],
-    }
-
-
-def save_training_state(run: Run, epoch: int, step_in_epoch: int = 0, tallies: Tallies | None = None,
-                        history: Sequence[EpochRecord] = ()) -> Path | None:
-    """Write ``last.pt`` (atomically) and return its path; None without a run directory."""
-    if run.run_dir is None or not run.is_main:
-        return None
-    path = run.run_dir / checkpoint.LAST
-    checkpoint.save_state(training_state(run, epoch, step_in_epoch, tallies, history), path)
-    return path
-
-
-def restore_training_state(run: Run, state: dict[str, Any]) -> tuple[int, int, dict | None, list[EpochRecord]]:
-    """Load a training state into the run; returns (start epoch, batches to skip, partial tallies, history)."""
-    if state.get("format") != STATE_FORMAT:
-        raise UserError(f"checkpoint format {state.get('format')!r} is not one this cnnreg reads ({STATE_FORMAT})")
-    checkpoint.unwrap(run.model).load_state_dict(state["model"])
-    run.optimizer.load_state_dict(state["optimizer"])
-    if run.schedule is not None and state.get("scheduler") is not None:
-        run.schedule.scheduler.load_state_dict(state["scheduler"])
-    if run.scaler is not None and state.get("scaler") is not None:
-        run.scaler.load_state_dict(state["scaler"])
-    for callback, saved in zip(run.callbacks, state.get("callbacks", [])):
-        if saved is not None and hasattr(callback, "load_state_dict"):
-            callback.load_state_dict(saved)
-    step_in_epoch = state.get("step_in_epoch", 0)
-    saved_world = state.get("world_size", 1)
-    if step_in_epoch and saved_world != run.dist.world_size:
-        # the position is counted in per-rank batches, which another world size cuts differently
-        raise UserError(f"this checkpoint was saved mid-epoch by {saved_world} process(es); resume it with "
-                        f"{saved_world} (now {run.dist.world_size}), or from an end-of-epoch checkpoint")
-    set_rng_state(state["rng"])
-    history = [record_from_json(r) for r in state.get("history", [])]
-    partial = state.get("partial")
-    if partial is not None and not run.is_main:
-        partial = None  # the saved tallies are rank 0's; loaded on every rank, the all-reduce would repeat them
-    if partial is not None:
-        partial = {k: (v.to(run.device) if isinstance(v, torch.Tensor) else
-                       [t.to(run.device) if isinstance(t, torch.Tensor) else t for t in v] if isinstance(v, list) else v)
-                   for k, v in partial.items()}
-    return state["epoch"] + 1, step_in_epoch, partial, history
-
-
-def record_to_json(record: EpochRecord) -> dict[str, Any]:
-    return {"epoch": record.epoch, "epochs": record.epochs, "metrics": dict(record.metrics),
-            "train_seconds": record.train_seconds, "seconds": record.seconds,
-            "images_per_second": record.images_per_second,
-            "evals": {k: {"metrics": dict(v.metrics), "per_class": {n: list(c) for n, c in v.per_class.items()},
-                          "confusion": [list(r) for r in v.confusion], "classes": list(v.classes)}
-                      for k, v in record.evals.items()}}
-
-
-def record_from_json(data: dict[str, Any]) -> EpochRecord:
-    evals = {k: EvalResult(split=k, metrics=v["metrics"], per_class={n: tuple(c) for n, c in v["per_class"].items()},
-                           confusion=tuple(tuple(r) for r in v["confusion"]), classes=tuple(v["classes"]))
-             for k, v in data.get("evals", {}).items()}
-    return EpochRecord(epoch=data["epoch"], epochs=data["epochs"], metrics=data["metrics"], evals=evals,
-                       train_seconds=data["train_seconds"], seconds=data["seconds"],
-                       images_per_second=data["images_per_second"])
-
-
-# -- predict -----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Predictor:
-    """What classifying new images takes: the model, the eval transforms and
-    the data's shape and class names (no dataset needed)."""
-
-    model: nn.Module
-    transforms: tuple[Callable[[torch.Tensor], torch.Tensor], ...]
-    classes: tuple[str, ...]
-    image_size: tuple[int, int]
-    channels: int
-    device: torch.device
-    precision: str
-    channels_last: bool
-
-
-def predictor(run: Run) -> Predictor:
-    return Predictor(model=run.model, transforms=run.eval_transforms, classes=run.data.classes,
-                     image_size=run.data.image_size, channels=run.context.channels, device=run.device,
-                     precision=run.precision, channels_last=run.channels_last)
-
-
-def predict(run: Run | Predictor, images: Sequence[Any], top_k: int = 1) -> list[Prediction]:
-    """Classify images (paths, PIL images or uint8 ``[C, H, W]`` tensors) with the
-    run's eval transforms; each answer lists the ``top_k`` classes and confidences."""
-    from cnnreg.imagefiles import BadImage, decode_image
-
-    p = run if isinstance(run, Predictor) else predictor(run)
-    top_k = max(1, min(top_k, len(p.classes)))
-    batch, sources = [], []
-    for item in images:
-        if isinstance(item, torch.Tensor):
-            tensor = item if item.dtype == torch.uint8 else (item.clamp(0, 1) * 255).round().to(torch.uint8)
-            tensor = splits.convert_channels(tensor.unsqueeze(0), p.channels)[0]
-            if tuple(tensor.shape[-2:]) != p.image_size:
-                tensor = nn.functional.interpolate(tensor[None].float(), size=p.image_size, mode="bilinear",
-                                                   antialias=True, align_corners=False).round().clamp(0, 255)[0].to(torch.uint8)
-            batch.append(tensor)
-            sources.append("<tensor>")
-            continue
-        if hasattr(item, "convert") and hasattr(item, "save"):  # a PIL image
-            import io
-            buffer = io.BytesIO()
-            item.save(buffer, format="PNG")
-            buffer.seek(0)
-            item, source = buffer, "<image>"
-        else:
-            source = str(item)
-        try:
-            array = decode_image(item, size=p.image_size, channels=p.channels)
-        except BadImage as exc:
-            raise UserError(f"cannot read {source}: {exc.reason}") from None
-        batch.append(torch.from_numpy(array).permute(2, 0, 1).contiguous())
-        sources.append(source)
-    x = torch.stack(batch).to(p.device)
-    p.model.eval()
-    with torch.inference_mode(), autocast(p.device, p.precision):
-        x = x.float().div_(255)
-        for transform in p.transforms:
-            x = transform(x)
-        if p.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        probabilities = torch.softmax(p.model(x).float(), dim=1)
-    confidences, indices = probabilities.topk(top_k, dim=1)
-    return [Prediction(source=s, classes=tuple(p.classes[i] for i in idx), indices=tuple(idx),
-                       confidences=tuple(conf))
-            for s, idx, conf in zip(sources, indices.cpu().tolist(), confidences.cpu().tolist())]

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from cnnreg import checkpoint
-from cnnreg.engine import Predictor
+from cnnreg.prediction import Predictor
 from cnnreg.errors import UserError
 
 SUFFIX = {"onnx": ".onnx", "torchscript": ".torchscript.pt", "safetensors": ".safetensors"}

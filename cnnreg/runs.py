@@ -19,7 +19,8 @@ from cnnreg import checkpoint
 from cnnreg.components import instantiate
 from cnnreg.data import DatasetInfo
 from cnnreg.device import resolve_device, resolve_precision
-from cnnreg.engine import Predictor, Run, build, data_context
+from cnnreg.engine import Run, build, data_context
+from cnnreg.prediction import Predictor
 from cnnreg.errors import UserError
 from cnnreg.recipe import RecipeBase, load_recipe
 

@@ -1,0 +1,93 @@
+"""Run directories: where a run's record is written, and what goes in first.
+
+``runs/<name>-<timestamp>/`` holds ``recipe.json`` (the resolved recipe, to
+re-run or resume), ``run.json`` (versions, plugins, device, data), and at the
+end ``summary.json``; callbacks add checkpoints, logs and plots.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from cnnreg import checkpoint
+from cnnreg.errors import UserError
+from cnnreg.recipe import RecipeBase
+from cnnreg.records import FitResult
+
+if TYPE_CHECKING:  # pragma: no cover
+    from cnnreg.engine import Run
+
+def new_run_dir(recipe: RecipeBase, fold: int | None = None) -> Path:
+    root = recipe.output_dir or Path.cwd() / "runs"
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    base = f"{recipe.name}-{stamp}" + (f"-fold{fold + 1}" if fold is not None else "")
+    for n in range(1, 1000):
+        candidate = root / (base if n == 1 else f"{base}-{n}")
+        try:
+            candidate.mkdir(parents=True, exist_ok=False)
+            return candidate
+        except FileExistsError:
+            continue
+    raise UserError(f"could not create a run directory under {root}")
+
+
+def write_run_files(run: Run) -> None:
+    """The resolved recipe (re-runnable, resumable) and the environment it ran in."""
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    recipe = run.recipe.to_json()
+    checkpoint.atomic_write_text(run.run_dir / "recipe.json", json.dumps(recipe, indent=2) + "\n")
+    plugins = {name: str(run.recipe.plugins.origin(name)) for name, _ in run.recipe.plugins.list_name_plugin()}
+    info = {
+        "recipe": recipe,
+        "created": datetime.now().isoformat(timespec="seconds"),
+        "seed": run.recipe.seed,
+        "device": str(run.device),
+        "device_name": torch.cuda.get_device_name(run.device) if run.device.type == "cuda" else run.device.type,
+        "precision": run.precision,
+        "channels_last": run.channels_last,
+        "world_size": run.dist.world_size,
+        "versions": {"torch": torch.__version__, "cuda": torch.version.cuda, "cudnn":
+                     torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+                     "cnnreg": _version()},
+        "plugins": plugins,
+        "broken_plugins": [str(b) for b in run.recipe.catalog.broken],
+        "data": {"classes": list(run.data.classes), "image_size": list(run.data.image_size),
+                 "channels": run.context.channels, "mean": run.context.mean, "std": run.context.std,
+                 "splits": {name: len(b.split) if hasattr(b, "split") else b.num_samples
+                            for name, b in run.batches.items()},
+                 "skipped_files": [list(s) for s in run.data.skipped]},
+    }
+    checkpoint.atomic_write_text(run.run_dir / "run.json", json.dumps(info, indent=2, default=str) + "\n")
+
+
+def write_summary(run: Run, result: FitResult) -> None:
+    best, last = result.best, result.last
+    summary = {
+        "name": run.recipe.name,
+        "stopped": result.stopped,
+        "epochs_run": len(result.records),
+        "monitor": result.monitor,
+        "mode": result.mode,
+        "best_epoch": result.best_epoch,
+        "best": dict(best.metrics) if best else None,
+        "last": dict(last.metrics) if last else None,
+        "train_seconds": round(result.train_seconds, 3),
+        "compile_seconds": round(result.compile_seconds, 3),
+        "classes": list(run.data.classes),
+        "per_class": {split: {k: list(v) for k, v in ev.per_class.items()}
+                      for split, ev in (last.evals.items() if last else [])},
+    }
+    checkpoint.atomic_write_text(run.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+
+
+def _version() -> str:
+    from importlib import metadata
+    try:
+        return metadata.version("cnnreg-framework")
+    except metadata.PackageNotFoundError:
+        return "unknown"
