@@ -57,9 +57,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         err.print(f"{count} error{'s' if count != 1 else ''}; nothing was run")
         return 2
     except UserError as exc:
-        from cnnreg.engine import Interrupted, NonFiniteLoss
+        from cnnreg.engine import TrainingStopped
 
-        if isinstance(exc, NonFiniteLoss):
+        if isinstance(exc, TrainingStopped):
             err.print(f"[bold red]training stopped[/]: {_escape(str(exc))}")
             return 1
         err.print(f"[bold red]error[/]: {_escape(str(exc))}")

@@ -52,8 +52,36 @@ class Interrupted(Exception):
         return 128 + self.signum
 
 
-class NonFiniteLoss(UserError):
+class TrainingStopped(UserError):
+    """Training could not go on (a fault of the run, not of its input); the last
+    good checkpoint is kept."""
+
+
+class NonFiniteLoss(TrainingStopped):
     """The loss became NaN or infinite."""
+
+
+class OutOfMemory(TrainingStopped):
+    """The device ran out of memory."""
+
+
+@contextlib.contextmanager
+def out_of_memory_advice(run: Run, split: str, batch_size: int) -> Iterator[None]:
+    """Turn torch's out-of-memory error into one that says what to change."""
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        total = ""
+        if run.device.type == "cuda":
+            total = f" ({torch.cuda.get_device_properties(run.device).total_memory / 2**30:.0f} GiB)"
+            torch.cuda.empty_cache()
+        key = "data.batch_size" if split == "train" else "data.eval_batch_size"
+        advice = (f"lower {key} (e.g. to {max(1, batch_size // 2)})"
+                  + (", with trainer.accumulate 2 to keep the effective batch" if split == "train" else ""))
+        if run.precision == "fp32" and run.device.type == "cuda":
+            advice += "; trainer.precision bf16 halves activation memory"
+        raise OutOfMemory(f"{run.device}{total} ran out of memory on a {split} batch of {batch_size} images "
+                          f"at {tuple(run.data.image_size)}: {advice}") from None
 
 
 @dataclass(frozen=True)
@@ -382,42 +410,43 @@ def train_epoch(run: Run, epoch: int, tallies: Tallies, skip_batches: int, stop:
     seen = skip_batches
     skip_nan = opts.on_nan == "skip"
     clip_params = [p for g in run.optimizer.param_groups for p in g["params"]]
-    for index, (images, targets) in enumerate(batches, start=skip_batches):
-        x = prepare(run, images, run.train_transforms)
-        boundary = (index + 1) % opts.accumulate == 0 or index + 1 == total
-        sync_grads = contextlib.nullcontext() if boundary or not hasattr(model, "no_sync") else model.no_sync()
-        with sync_grads:
-            with autocast(run.device, run.precision):
-                logits = model(x)
-                loss = run.loss_fn(logits, targets)
-            scaled = loss / opts.accumulate
-            (run.scaler.scale(scaled) if run.scaler else scaled).backward()
-        finite = torch.isfinite(loss.detach())
-        tallies.bad_step.copy_(torch.where((tallies.bad_step < 0) & ~finite, index, tallies.bad_step))
-        if skip_nan and not bool(finite):  # opt-in: costs one host sync per step
-            run.optimizer.zero_grad(set_to_none=True)
-            continue
-        tallies.update(logits, targets, loss)
-        if boundary:
-            optimizer_step(run, clip_params)
-            if run.schedule is not None and run.schedule.interval == "step":
-                run.schedule.scheduler.step()
-        seen += 1
-        if timing.measure_first and not timing.compiled_train:
-            timing.compile_seconds += _synchronized_since(run.device, start)
-            timing.compiled_train = True
-        now = time.perf_counter()
-        if now - last_report >= PROGRESS_INTERVAL:
-            last_report = now
-            loss_value = reader.poll(tallies.loss_sum, tallies.count)
-            if loss_value is not None and not math.isfinite(loss_value) and not skip_nan:
-                raise_bad_step(run, epoch, tallies)
-            if run.is_main:
-                run.pm.hook.cnnreg_train_progress(run=run, progress=ProgressRecord(
-                    epoch=epoch, epochs=run.epochs, step=index + 1, steps=total,
-                    images=seen * batches.batch_size, seconds=now - start, loss=loss_value))
-        if stop.signum is not None:
-            raise _Stop(epoch, index + 1)
+    with out_of_memory_advice(run, "train", batches.batch_size):
+        for index, (images, targets) in enumerate(batches, start=skip_batches):
+            x = prepare(run, images, run.train_transforms)
+            boundary = (index + 1) % opts.accumulate == 0 or index + 1 == total
+            sync_grads = contextlib.nullcontext() if boundary or not hasattr(model, "no_sync") else model.no_sync()
+            with sync_grads:
+                with autocast(run.device, run.precision):
+                    logits = model(x)
+                    loss = run.loss_fn(logits, targets)
+                scaled = loss / opts.accumulate
+                (run.scaler.scale(scaled) if run.scaler else scaled).backward()
+            finite = torch.isfinite(loss.detach())
+            tallies.bad_step.copy_(torch.where((tallies.bad_step < 0) & ~finite, index, tallies.bad_step))
+            if skip_nan and not bool(finite):  # opt-in: costs one host sync per step
+                run.optimizer.zero_grad(set_to_none=True)
+                continue
+            tallies.update(logits, targets, loss)
+            if boundary:
+                optimizer_step(run, clip_params)
+                if run.schedule is not None and run.schedule.interval == "step":
+                    run.schedule.scheduler.step()
+            seen += 1
+            if timing.measure_first and not timing.compiled_train:
+                timing.compile_seconds += _synchronized_since(run.device, start)
+                timing.compiled_train = True
+            now = time.perf_counter()
+            if now - last_report >= PROGRESS_INTERVAL:
+                last_report = now
+                loss_value = reader.poll(tallies.loss_sum, tallies.count)
+                if loss_value is not None and not math.isfinite(loss_value) and not skip_nan:
+                    raise_bad_step(run, epoch, tallies)
+                if run.is_main:
+                    run.pm.hook.cnnreg_train_progress(run=run, progress=ProgressRecord(
+                        epoch=epoch, epochs=run.epochs, step=index + 1, steps=total,
+                        images=seen * batches.batch_size, seconds=now - start, loss=loss_value))
+            if stop.signum is not None:
+                raise _Stop(epoch, index + 1)
     return _synchronized_since(run.device, start)
 
 
@@ -467,7 +496,8 @@ def _evaluate(run: Run, split: str, timing: Timing | None) -> EvalResult:
     tallies = Tallies(run.data.num_classes, run.metrics, run.device)
     run.model.eval()
     start = time.perf_counter()
-    with torch.inference_mode(), autocast(run.device, run.precision):
+    with out_of_memory_advice(run, split, batches.batch_size), torch.inference_mode(), \
+            autocast(run.device, run.precision):
         for images, targets in batches:
             logits = model(prepare(run, images, run.eval_transforms))
             loss = run.loss_fn(logits.float(), targets)
@@ -531,6 +561,7 @@ def fit(run: Run, *, resume: bool = False) -> FitResult:
     if resume:
         if run.run_dir is None:
             raise UserError("cannot resume a run without a run directory")
+        checkpoint.remove_stale_temporaries(run.run_dir)  # left by a kill during an atomic write
         state = checkpoint.load_state(run.run_dir / checkpoint.LAST)
         start_epoch, skip_batches, partial, history = restore_training_state(run, state)
     stop = StopFlag()
@@ -579,7 +610,7 @@ def fit(run: Run, *, resume: bool = False) -> FitResult:
         save_training_state(run, interruption.epoch - 1, interruption.step, tallies, history)
         finish("interrupted")
         raise Interrupted(stop.signum or signal.SIGINT, run.run_dir) from None
-    except NonFiniteLoss as exc:
+    except TrainingStopped as exc:
         finish(f"stopped: {exc}")
         raise
     return finish(stopped)

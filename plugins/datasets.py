@@ -500,12 +500,13 @@ _HUE_NAMES = ("red", "orange", "yellow", "chartreuse", "green", "spring", "cyan"
 
 
 def synthetic(
-    num_classes: Annotated[int, Field(ge=2)] = 10,
-    image_size: Annotated[int, Field(ge=8)] = 32,
+    # Upper bounds keep a typo (an extra zero or three) a clear error, not an out-of-memory kill.
+    num_classes: Annotated[int, Field(ge=2, le=1000)] = 10,
+    image_size: Annotated[int, Field(ge=8, le=1024)] = 32,
     channels: Literal[1, 3] = 3,
-    train_size: Annotated[int, Field(ge=1)] = 2000,
-    val_size: Annotated[int, Field(ge=0)] = 500,
-    test_size: Annotated[int, Field(ge=0)] = 500,
+    train_size: Annotated[int, Field(ge=1, le=1_000_000)] = 2000,
+    val_size: Annotated[int, Field(ge=0, le=1_000_000)] = 500,
+    test_size: Annotated[int, Field(ge=0, le=1_000_000)] = 500,
     seed: Annotated[int, Field(ge=0)] = 0,
 ) -> DataSource:
     """Coloured shapes on noisy backgrounds, drawn on the fly: learnable offline data.

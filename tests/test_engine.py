@@ -171,3 +171,42 @@ def test_cross_validation_reports_mean_and_std_per_metric(tmp_path):
     summary = json.loads((result.run_dir / "crossval.json").read_text())
     assert len(summary["per_fold"]) == 2
     assert (result.run_dir / "fold-1" / "summary.json").exists() and (result.run_dir / "fold-2" / "summary.json").exists()
+
+
+class OomModel:
+    """A model that runs out of (pretend) device memory on its third training batch."""
+
+    @hookimpl
+    def cnnreg_models(self):
+        def greedy_net(num_classes: int = 10, in_channels: int = 3) -> torch.nn.Module:
+            """Runs out of memory in training."""
+
+            class Greedy(torch.nn.Module):
+                def __init__(self):
+                    super().__init__()
+                    self.calls = 0
+                    self.head = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                                                    torch.nn.Linear(in_channels, num_classes))
+
+                def forward(self, x):
+                    if self.training:
+                        self.calls += 1
+                        if self.calls == 3:
+                            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+                    return self.head(x)
+            return Greedy()
+        return {"greedy_net": greedy_net}
+
+
+def test_out_of_memory_says_the_batch_size_and_what_to_change(tmp_path):
+    from cnnreg.engine import OutOfMemory
+
+    recipe = cnnreg.load_recipe(tiny_recipe(tmp_path, model={"name": "greedy_net"}), extra=[OomModel()])
+    run = cnnreg.build(recipe)
+    with pytest.raises(OutOfMemory) as info:
+        cnnreg.fit(run)
+    message = str(info.value)
+    assert "ran out of memory on a train batch of 32 images" in message
+    assert "lower data.batch_size (e.g. to 16), with trainer.accumulate 2 to keep the effective batch" in message
+    summary = json.loads((run.run_dir / "summary.json").read_text())
+    assert summary["stopped"].startswith("stopped: ")
