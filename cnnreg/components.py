@@ -16,7 +16,7 @@ from cnnreg.data import DataContext, DataSource
 from cnnreg.errors import JsonPath, RecipeError, UserError
 from cnnreg.recipe import DataOptions, RecipeBase
 from cnnreg.records import Metric, Schedule
-from cnnreg.registry import INJECTED_PARAMS, Component
+from cnnreg.registry import ARTICLES, INJECTED_PARAMS, Component
 
 # What each kind of factory must return, and how to say it.
 _RESULT_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
@@ -63,18 +63,15 @@ def instantiate(
     try:
         result = component.factory(**kwargs)
     except (UserError, ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as exc:
-        raise RecipeError([recipe.problem(path, f"{spec.name}: {_first_line(exc)}")]) from None  # type: ignore[attr-defined]
+        raise RecipeError([recipe.problem(path, f"{spec.name}: {_message(exc)}")]) from None  # type: ignore[attr-defined]
     except Exception as exc:
         raise RecipeError([recipe.problem(path, f"{spec.name!r} ({_by(component)}) failed: "  # type: ignore[attr-defined]
-                                          f"{type(exc).__name__}: {_first_line(exc)}")]) from None
+                                          f"{type(exc).__name__}: {_message(exc)}")]) from None
     check, expected = _RESULT_CHECKS[kind]
     if not check(result):
         raise RecipeError([recipe.problem(path, f"{spec.name!r} ({_by(component)}) returned "  # type: ignore[attr-defined]
-                                          f"{type(result).__name__}, but {ARTICLE[kind]} {kind} factory must return {expected}")])
+                                          f"{type(result).__name__}, but {ARTICLES[kind]} {kind} factory must return {expected}")])
     return result
-
-
-ARTICLE = {kind: ("an" if kind[0] in "aeiou" else "a") for kind in _RESULT_CHECKS}
 
 
 def component_kwargs(component: Component, spec: BaseModel, context: Mapping[str, Any]) -> dict[str, Any]:
@@ -101,7 +98,7 @@ def _by(component: Component) -> str:
     return f"plugin {component.plugin!r}, {component.origin}"
 
 
-def _first_line(exc: BaseException) -> str:
+def _message(exc: BaseException) -> str:
     text = str(exc).strip()
     if isinstance(exc, KeyError) and text.startswith("'"):
         text = f"missing key {text}"

@@ -15,10 +15,12 @@ Two families, one prefix (``cnnreg_``), one marker (:data:`hookimpl`):
   callback implements exactly the events it cares about, by name.
 
 Some parameter names have a meaning of their own (see ``cnnreg.registry``):
-values the recipe leaves out are filled from the run's context
-(``num_classes``, ``in_channels``, ``image_size``, ``mean``, ``std``,
-``interpolation``, ``epochs``, ``steps_per_epoch``), and live objects are
-passed to optimizers (``params``) and schedulers (``optimizer``).
+``num_classes`` and ``in_channels`` (models, losses, metrics) and ``epochs``
+and ``steps_per_epoch`` (schedulers) are filled from the run when the recipe
+leaves them out; live objects are passed to optimizers (``params``) and
+schedulers (``optimizer``); and a parameter annotated
+:class:`cnnreg.data.DataContext` receives the run's data context (image size,
+statistics, the pretrained model's preprocessing) and is not a recipe key.
 """
 
 from __future__ import annotations

@@ -214,8 +214,6 @@ class RecipeModel:
     components: dict[type[BaseModel], tuple[str, str]]  # class -> (kind, key)
 
 
-_SLOTS: dict[str, str] = {"dataset": "data", "model": "model", "loss": "loss", "optimizer": "optimizer",
-                          "scheduler": "scheduler", "transform": "transforms", "metric": "metrics", "callback": "callbacks"}
 DEFAULT_METRICS = ("accuracy", "precision", "recall", "f1")
 
 

@@ -15,7 +15,6 @@ import inspect
 import re
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import pydantic
@@ -338,10 +337,3 @@ def parse_arg_docs(doc: str) -> dict[str, str]:
         else:
             current = None
     return out
-
-
-def path_param(annotation: Any) -> bool:
-    """Whether a parameter holds a filesystem path (resolved against the recipe's folder)."""
-    if annotation is Path:
-        return True
-    return any(path_param(arg) for arg in typing.get_args(annotation))
