@@ -81,9 +81,9 @@ def cnnreg_transforms() -> Factories:
     :returns: ``{name: factory}``; each factory returns a callable that maps a
         float batch ``[B, C, H, W]`` on the run's device to a float batch,
         drawing any randomness per sample from torch's generator on that
-        device. ``mean``/``std``/``image_size``/``interpolation`` parameters
-        left out of the recipe are filled from the dataset or the model's
-        pretrained configuration.
+        device. A factory that takes a :class:`cnnreg.data.DataContext` can
+        default its sizes and statistics to the dataset's, or to the
+        pretrained model's own preprocessing.
     """
 
 
