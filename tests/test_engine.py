@@ -210,3 +210,17 @@ def test_out_of_memory_says_the_batch_size_and_what_to_change(tmp_path):
     assert "lower data.batch_size (e.g. to 16), with trainer.accumulate 2 to keep the effective batch" in message
     summary = json.loads((run.run_dir / "summary.json").read_text())
     assert summary["stopped"].startswith("stopped: ")
+
+
+@pytest.mark.slow
+def test_compiled_model_trains_and_reports_compile_time_apart(tmp_path):
+    """trainer.compile runs the step through torch.compile (inductor; on the CPU
+    here); its first steps are counted as compilation, not training."""
+    recipe = cnnreg.load_recipe(tiny_recipe(tmp_path, trainer__compile="default", trainer__epochs=2))
+    run = cnnreg.build(recipe, output=False)
+    result = cnnreg.fit(run)
+    assert result.compile_seconds > 1.0  # compiling a CNN takes seconds
+    assert result.train_seconds < result.compile_seconds
+    assert result.records[-1].metrics["val_accuracy"] > 0.34
+    assert run.step_model is not run.model  # the step calls the compiled module ...
+    assert cnnreg.evaluate(run, "test").metrics["accuracy"] > 0.34  # ... and evaluation works with it
