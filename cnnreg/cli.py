@@ -166,14 +166,15 @@ def cmd_ls(args: argparse.Namespace) -> int:
     for column in ("name", "kind", "plugin", "distribution", "summary"):
         table.add_column(column, overflow="fold")
     for key, component in rows:
-        table.add_row(key, component.kind, component.plugin, str(component.origin), component.summary)
+        table.add_row(*(_escape(cell) for cell in (key, component.kind, component.plugin, str(component.origin),
+                                                    component.summary)))
     console.print(table)
     if catalog.broken:
         broken = Table(title="plugins that failed to load", title_justify="left", style="red")
         for column in ("plugin", "distribution", "stage", "error"):
             broken.add_column(column, overflow="fold")
         for b in catalog.broken:
-            broken.add_row(b.name, str(b.origin), b.stage, b.error)
+            broken.add_row(*(_escape(cell) for cell in (b.name, str(b.origin), b.stage, b.error)))
         console.print(broken)
     if not rows:
         console.print(f"nothing matches {args.pattern!r}")

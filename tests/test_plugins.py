@@ -15,7 +15,7 @@ from cnnreg.registry import build_catalog
 from conftest import cli, make_distribution, tiny_recipe
 
 BUILT_INS = {"tutorial_models", "datasets", "transforms", "losses", "optim", "metrics", "callbacks",
-             "rich_progress", "transfer"}
+             "rich_progress", "transfer", "plots", "trackers"}
 
 
 def test_built_ins_come_through_the_entry_point_group_with_their_distribution():
