@@ -23,9 +23,23 @@ if TYPE_CHECKING:  # pragma: no cover
     from cnnreg.engine import Run
 
 def new_run_dir(recipe: RecipeBase, fold: int | None = None) -> Path:
-    root = recipe.output_dir or Path.cwd() / "runs"
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    base = f"{recipe.name}-{stamp}" + (f"-fold{fold + 1}" if fold is not None else "")
+    """A new ``<output_dir>/<name>-<timestamp>[-foldK]`` folder."""
+    base = f"{recipe.name}-{timestamp()}" + (f"-fold{fold + 1}" if fold is not None else "")
+    return unique_dir(runs_root(recipe), base)
+
+
+def runs_root(recipe: RecipeBase) -> Path:
+    """Where run directories go: the recipe's ``output_dir``, else ./runs."""
+    return recipe.output_dir or Path.cwd() / "runs"
+
+
+def timestamp() -> str:
+    return datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+def unique_dir(root: Path, base: str) -> Path:
+    """Create ``root/base`` (or ``base-2``, ``base-3``, ... when two runs start in
+    the same second) and return it; mkdir's exclusivity makes it race-free."""
     for n in range(1, 1000):
         candidate = root / (base if n == 1 else f"{base}-{n}")
         try:
@@ -33,7 +47,7 @@ def new_run_dir(recipe: RecipeBase, fold: int | None = None) -> Path:
             return candidate
         except FileExistsError:
             continue
-    raise UserError(f"could not create a run directory under {root}")
+    raise UserError(f"could not create a new folder {base} under {root}")
 
 
 def write_run_files(run: Run) -> None:

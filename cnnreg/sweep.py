@@ -17,7 +17,6 @@ import math
 import os
 import random
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -27,6 +26,7 @@ from rich.table import Table
 from cnnreg import checkpoint
 from cnnreg.errors import Problem, RecipeError, UserError
 from cnnreg.recipe import RecipeBase, Sweep, SweepRange, load_recipe
+from cnnreg.rundir import runs_root, timestamp, unique_dir
 
 
 @dataclass(frozen=True)
@@ -147,18 +147,8 @@ def run_sweep(source: str | Path | Mapping[str, Any], *, disable: Sequence[str] 
 
 def sweep_dir(recipe: RecipeBase) -> Path:
     """``<output_dir>/<name>-sweep-<timestamp>``; created by rank 0 only (under torchrun)."""
-    root = recipe.output_dir or Path.cwd() / "runs"
-    path = root / f"{recipe.name}-sweep-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
-    if _is_main_process():
-        for n in range(1, 1000):
-            candidate = path if n == 1 else path.with_name(f"{path.name}-{n}")
-            try:
-                candidate.mkdir(parents=True, exist_ok=False)
-                return candidate
-            except FileExistsError:
-                continue
-        raise UserError(f"could not create a sweep directory under {root}")
-    return path
+    root, base = runs_root(recipe), f"{recipe.name}-sweep-{timestamp()}"
+    return unique_dir(root, base) if _is_main_process() else root / base
 
 
 def _is_main_process() -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -90,7 +91,10 @@ def make_distribution(root: Path, name: str, modules: dict[str, str], entry_poin
 def example_plugin_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """tests/example_plugin installed with pip into a folder of its own."""
     target = tmp_path_factory.mktemp("example-plugin-site")
+    # pip builds in the source folder: build a copy, so the tests write nothing into the repository
+    source = tmp_path_factory.mktemp("example-plugin-source") / "example_plugin"
+    shutil.copytree(HERE / "example_plugin", source, ignore=shutil.ignore_patterns("build", "*.egg-info"))
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-                    "--no-index", "--target", str(target), str(HERE / "example_plugin")],
+                    "--no-index", "--target", str(target), str(source)],
                    check=True, capture_output=True, text=True)
     return target
