@@ -52,7 +52,7 @@ def main() -> None:
                              "--epochs", "1" if args.smoke else "3"], 90),
         ("cifar10-tutorial-cnn", accuracy("cifar10-tutorial-cnn.json", "--data", str(cifar)), 150),
         ("mnist-cnn", accuracy("mnist-cnn.json", "--data", str(data)), 70),
-        ("cifar10-simple-cnn", accuracy("cifar10-simple-cnn.json", "--data", str(cifar)), 70),
+        ("cifar10-simple-cnn", accuracy("cifar10-simple-cnn.json", "--data", str(cifar)), 110),
         ("lite0-pretrained", accuracy("cifar10-efficientnet-lite0.json", *lite0), 110),
         ("lite0-scratch", accuracy("cifar10-efficientnet-lite0.json", "--data", str(cifar), "--set",
                                    "model.pretrained=false"), 110),
