@@ -27,6 +27,7 @@ from cnnreg_plugins.optim import (
     rmsprop,
     sgd,
     step,
+    triangular,
 )
 
 OPTIMIZERS = {"sgd": sgd, "adam": adam, "adamw": adamw, "rmsprop": rmsprop}
@@ -37,6 +38,7 @@ SCHEDULERS = {
     "multistep": multistep,
     "exponential": exponential,
     "onecycle": onecycle,
+    "triangular": triangular,
 }
 FILLED = {"params", "optimizer", "epochs", "steps_per_epoch"}
 
@@ -49,6 +51,16 @@ def param_groups(model: nn.Module) -> list[dict]:
 def tiny_model() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+
+
+def normed_model() -> nn.Module:
+    """Weights, biases and a norm's weight and bias: [0] and [1] a backbone, [3] a head."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+
+
+def ids(params) -> list[int]:
+    return sorted(id(p) for p in params)
 
 
 def train_steps(model: nn.Module, optimizer: torch.optim.Optimizer, steps: int) -> list[float]:
@@ -136,11 +148,20 @@ def test_every_option_is_documented_and_typed_for_the_schema(factory):
         (reduce_on_plateau, {"factor": 1.0}),
         (reduce_on_plateau, {"mode": "up"}),
         (onecycle, {"pct_start": 1.0}),
+        (sgd, {"lr": 0.1, "bias_norm_lr_mult": 0.0}),
+        (adamw, {"bias_norm_weight_decay": -1e-4}),
+        (triangular, {"start_factor": -0.1}),
+        (triangular, {"peak": 1.5}),
+        (triangular, {"end_factor": -0.07}),
     ],
 )
 def test_the_schema_refuses_out_of_range_values(factory, options):
     with pytest.raises(pydantic.ValidationError):
         schema(factory)(**options)
+
+
+def test_triangular_factors_may_exceed_one():
+    assert schema(triangular)(start_factor=2.0, end_factor=1.5, peak=1.0).start_factor == 2.0
 
 
 def test_sgd_needs_a_learning_rate_in_recipes():
@@ -190,6 +211,100 @@ def test_a_plain_iterable_of_parameters_is_one_group():
     optimizer = sgd(model.parameters(), lr=0.1)
     assert len(optimizer.param_groups) == 1
     assert optimizer.param_groups[0]["lr"] == 0.1
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_biases_and_norms_get_their_own_rate_and_weight_decay(name):
+    model = normed_model()
+    optimizer = OPTIMIZERS[name](
+        param_groups(model), lr=0.01, weight_decay=5e-4, bias_norm_lr_mult=64.0, bias_norm_weight_decay=5e-4 / 64
+    )
+    bias_norm, rest = optimizer.param_groups
+    assert ids(bias_norm["params"]) == ids([model[0].bias, *model[1].parameters(), model[3].bias])
+    assert ids(rest["params"]) == ids([model[0].weight, model[3].weight])
+    assert (bias_norm["lr"], bias_norm["lr_mult"], bias_norm["weight_decay"]) == pytest.approx((0.64, 64.0, 5e-4 / 64))
+    assert (rest["lr"], rest["lr_mult"], rest["weight_decay"]) == pytest.approx((0.01, 1.0, 5e-4))
+    assert bias_norm["lr"] * bias_norm["weight_decay"] == pytest.approx(rest["lr"] * rest["weight_decay"])
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_by_default_the_groups_are_not_split(name):
+    model = normed_model()
+    groups = [{"params": list(model[:2].parameters()), "lr_mult": 0.1}, {"params": list(model[3].parameters())}]
+    optimizer = OPTIMIZERS[name](groups, lr=0.01)
+    assert len(optimizer.param_groups) == 2
+    assert [ids(g["params"]) for g in optimizer.param_groups] == [ids(g["params"]) for g in groups]
+
+
+def test_the_bias_norm_weight_decay_falls_back_to_the_groups_then_the_optimizers():
+    model = normed_model()
+    groups = [{"params": list(model[:2].parameters()), "weight_decay": 0.0}, {"params": list(model[3].parameters())}]
+    optimizer = sgd(groups, lr=0.1, weight_decay=5e-4, bias_norm_lr_mult=2.0)
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([0.2, 0.1, 0.2, 0.1])
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [0.0, 0.0, 5e-4, 5e-4]
+
+
+def test_a_bias_norm_weight_decay_alone_splits_but_keeps_the_rate():
+    model = normed_model()
+    optimizer = adamw(param_groups(model), lr=1e-3, weight_decay=0.05, bias_norm_weight_decay=0.0)
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([1e-3, 1e-3])
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [0.0, 0.05]
+
+
+def test_the_bias_norm_share_of_a_scaled_group_multiplies_its_lr_mult():
+    model = normed_model()
+    groups = [{"params": list(model[:2].parameters()), "lr_mult": 0.1}, {"params": list(model[3].parameters())}]
+    optimizer = sgd(groups, lr=0.1, momentum=0.9, bias_norm_lr_mult=64.0)
+    assert [g["lr_mult"] for g in optimizer.param_groups] == pytest.approx([6.4, 0.1, 64.0, 1.0])
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([0.64, 0.01, 6.4, 0.1])
+    backbone_bias_norm = [model[0].bias, *model[1].parameters()]
+    expected = [backbone_bias_norm, [model[0].weight], [model[3].bias], [model[3].weight]]
+    assert [ids(g["params"]) for g in optimizer.param_groups] == [ids(params) for params in expected]
+    assert groups[0]["lr_mult"] == 0.1 and len(groups[0]["params"]) == 4  # the caller's groups are not changed
+
+
+def test_a_groups_own_lr_is_scaled_for_its_biases_and_norms():
+    model = normed_model()
+    optimizer = sgd([{"params": list(model.parameters()), "lr": 0.5}], lr=0.1, bias_norm_lr_mult=4.0)
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([2.0, 0.5])
+
+
+def test_an_empty_part_is_left_out():
+    model = normed_model()
+    weights = [{"params": [model[0].weight, model[3].weight]}]
+    norms = [{"params": list(model[1].parameters()), "lr_mult": 0.5}]
+    assert [g["lr_mult"] for g in sgd(weights, lr=0.1, bias_norm_lr_mult=8.0).param_groups] == [1.0]
+    assert [g["lr_mult"] for g in sgd(norms, lr=0.1, bias_norm_lr_mult=8.0).param_groups] == [4.0]
+
+
+def test_schedules_scale_the_bias_norm_groups_alike():
+    model = normed_model()
+    groups = [{"params": list(model[:2].parameters()), "lr_mult": 0.1}, {"params": list(model[3].parameters())}]
+    optimizer = sgd(groups, lr=0.1, bias_norm_lr_mult=64.0, bias_norm_weight_decay=0.0)
+    schedule = cosine(optimizer, epochs=10, steps_per_epoch=1, warmup_epochs=2)
+    for epochs in (1, 4):
+        run_schedule(schedule, epochs, 1)
+        rates = [g["lr"] for g in optimizer.param_groups]
+        assert rates == pytest.approx([lr(optimizer, 3) * m for m in (6.4, 0.1, 64.0, 1.0)])
+    assert lr(optimizer, 3) < 0.1
+
+
+def test_frozen_biases_and_norms_stay_in_their_group_and_put():
+    model = normed_model()
+    model[0].bias.requires_grad_(False)
+    model[1].weight.requires_grad_(False)
+    optimizer = adamw(param_groups(model), lr=0.01, bias_norm_lr_mult=64.0, bias_norm_weight_decay=0.0)
+    assert ids(optimizer.param_groups[0]["params"]) == ids([model[0].bias, *model[1].parameters(), model[3].bias])
+    frozen = model[0].bias.clone(), model[1].weight.clone()
+    losses = train_steps(model, optimizer, 10)
+    assert torch.equal(model[0].bias, frozen[0]) and torch.equal(model[1].weight, frozen[1])
+    assert losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("options", [{"bias_norm_lr_mult": 0.0}, {"bias_norm_weight_decay": -0.1}])
+def test_bad_bias_norm_options_are_clear_errors(options):
+    with pytest.raises(ValueError, match="bias_norm"):
+        sgd(param_groups(normed_model()), lr=0.1, **options)
 
 
 @pytest.mark.parametrize("bad", [{"params": [], "lr_mult": -1.0}, {"params": [], "weight_decay": -0.1}, {"lr": 0.1}])
@@ -351,6 +466,65 @@ def test_onecycle_peaks_at_the_optimizers_rate_by_default():
     assert max(run_schedule(schedule, 2, 5)) == pytest.approx(0.003)
 
 
+def triangle(total: int, peak: int, start: float, end: float) -> list[float]:
+    """The factor after each of steps 0..total, as airbench94's np.interp."""
+    up = [start + (1 - start) * t / peak for t in range(peak)]
+    return up + [1 + (end - 1) * (t - peak) / (total - peak) for t in range(peak, total + 1)]
+
+
+def test_triangular_rises_to_the_peak_then_falls_per_step():
+    optimizer = sgd_on(lr=0.1)
+    schedule = triangular(optimizer, epochs=10, steps_per_epoch=10)
+    assert (schedule.interval, schedule.monitor) == ("step", None)
+    rates = run_schedule(schedule, 10, 10) + [lr(optimizer)]  # the rate at steps 0..100
+    assert rates == pytest.approx([0.1 * f for f in triangle(100, 23, 0.2, 0.07)])
+    assert (rates[0], rates[23], rates[100]) == pytest.approx((0.02, 0.1, 0.007))
+    assert all(a < b for a, b in zip(rates[:23], rates[1:24]))
+    assert all(a > b for a, b in zip(rates[23:], rates[24:]))
+
+
+def test_triangular_with_peak_zero_is_a_linear_decay_and_may_end_at_zero():
+    optimizer = sgd_on(lr=0.1)
+    rates = run_schedule(triangular(optimizer, epochs=4, steps_per_epoch=5, peak=0.0, end_factor=0.0), 4, 5)
+    assert rates + [lr(optimizer)] == pytest.approx([0.1 * (1 - t / 20) for t in range(21)], abs=1e-12)
+
+
+def test_triangular_with_peak_one_ends_at_the_full_rate_and_stays_at_its_end():
+    optimizer = sgd_on(lr=0.1)
+    schedule = triangular(optimizer, epochs=2, steps_per_epoch=2, peak=1.0, start_factor=0.0)
+    rates = run_schedule(schedule, 3, 2) + [lr(optimizer)]  # two steps past the end
+    assert rates == pytest.approx([0.0, 0.025, 0.05, 0.075, 0.1, 0.1, 0.1], abs=1e-12)
+
+
+def test_triangular_keeps_every_groups_lr_mult():
+    model = normed_model()
+    groups = [{"params": list(model[:2].parameters()), "lr_mult": 0.1}, {"params": list(model[3].parameters())}]
+    optimizer = sgd(groups, lr=0.1, bias_norm_lr_mult=64.0)
+    schedule = triangular(optimizer, epochs=3, steps_per_epoch=4, start_factor=0.5, peak=0.25, end_factor=0.1)
+    factors = triangle(12, 3, 0.5, 0.1)
+    for t in range(13):
+        expected = [0.1 * mult * factors[t] for mult in (6.4, 0.1, 64, 1)]
+        assert [g["lr"] for g in optimizer.param_groups] == pytest.approx(expected)
+        optimizer.step()
+        schedule.scheduler.step()
+
+
+def test_a_resumed_triangular_schedule_keeps_its_shape():
+    first = triangular(sgd_on(lr=0.1), epochs=5, steps_per_epoch=4, start_factor=0.1, peak=0.5, end_factor=0.0)
+    run_schedule(first, 2, 4)
+    saved = checkpointed(
+        {"optimizer": first.scheduler.optimizer.state_dict(), "scheduler": first.scheduler.state_dict()}
+    )
+    assert saved["scheduler"]["lr_lambdas"] == [{"total": 20, "peak": 10, "start_factor": 0.1, "end_factor": 0.0}]
+
+    optimizer = sgd_on(lr=0.1)
+    resumed = triangular(optimizer, epochs=5, steps_per_epoch=4, start_factor=0.1, peak=0.5, end_factor=0.0)
+    optimizer.load_state_dict(saved["optimizer"])
+    resumed.scheduler.load_state_dict(saved["scheduler"])
+    rates = run_schedule(resumed, 3, 4) + [lr(optimizer)]
+    assert rates == pytest.approx([0.1 * f for f in triangle(20, 10, 0.1, 0.0)][8:], abs=1e-12)
+
+
 def test_plateau_reduces_after_patience_epochs_without_improvement():
     optimizer = sgd_on(lr=0.1)
     schedule = reduce_on_plateau(optimizer, factor=0.5, patience=2)
@@ -406,6 +580,9 @@ def test_plateau_after_warmup_ignores_the_warmup_epochs():
         (lambda o: reduce_on_plateau(o, mode="up"), "mode"),
         (lambda o: reduce_on_plateau(o, factor=2.0), "factor"),
         (lambda o: onecycle(o, epochs=3, steps_per_epoch=1, base_momentum=0.99), "base_momentum"),
+        (lambda o: triangular(o, epochs=3, steps_per_epoch=1, start_factor=-0.2), "start_factor"),
+        (lambda o: triangular(o, epochs=3, steps_per_epoch=1, end_factor=-0.1), "end_factor"),
+        (lambda o: triangular(o, epochs=3, steps_per_epoch=1, peak=1.2), "peak"),
     ],
 )
 def test_bad_schedule_options_are_clear_errors(build, message):
@@ -424,6 +601,7 @@ RESUMABLE = {
     "multistep": lambda o: multistep(o, epochs=12, steps_per_epoch=2, milestones=[3, 7, 9], gamma=0.5),
     "exponential_warmup": lambda o: exponential(o, epochs=12, steps_per_epoch=2, gamma=0.8, warmup_epochs=3),
     "onecycle": lambda o: onecycle(o, epochs=12, steps_per_epoch=2),
+    "triangular": lambda o: triangular(o, epochs=12, steps_per_epoch=2),
 }
 
 

@@ -50,7 +50,7 @@ def test_the_golden_recipe_is_valid(tmp_path, capsys):
     ('"epochs": 2', '"epoch": 2', "golden.json:12:15 trainer.epoch: unknown key of trainer; did you mean 'epochs'?"),
     ('"lr": 0.001', '"lr_sheduler": 0.001',
      "golden.json:11:33 optimizer.lr_sheduler: unknown parameter of 'adam'; 'adam' takes: lr, betas, eps, "
-     "weight_decay, amsgrad"),
+     "weight_decay, amsgrad, bias_norm_lr_mult, bias_norm_weight_decay"),
     # depth 3
     ('"monitor": "val_loss"', '"monitr": "val_loss"',
      "golden.json:13:44 callbacks[0].monitr: unknown parameter of 'early_stopping'; did you mean 'monitor'?"),
