@@ -63,6 +63,9 @@ class Batches(Protocol):
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """``(images uint8 [B, C, H, W], labels int64 [B])`` on the device."""
 
+    def indexed(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """As iteration, plus each sample's int64 index in the split, on the device."""
+
 
 def make_batches(
     split: ImageSplit,
@@ -233,11 +236,17 @@ class TensorBatches:
         self.epoch, self.start = int(epoch), _check_start(start_batch, self.steps)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for images, labels, _ in self.indexed():
+            yield images, labels
+
+    def indexed(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         bs = self.batch_size
         if self.order.sequential:
             # The split's own order: batches are views, nothing is copied.
+            positions = torch.arange(len(self.labels), device=self.device)
             for i in range(self.start, self.steps):
-                yield self._finish(self.images[i * bs : (i + 1) * bs]), self.labels[i * bs : (i + 1) * bs]
+                part = slice(i * bs, (i + 1) * bs)
+                yield self._finish(self.images[part]), self.labels[part], positions[part]
             return
         # Gather a block of batches (~8 MiB) at a time, then slice it. Measured
         # on CIFAR-10, per epoch -- CPU, batch 512: an index_select per batch
@@ -250,7 +259,8 @@ class TensorBatches:
             take = index[first * bs : last * bs]
             images, labels = self.images.index_select(0, take), self.labels.index_select(0, take)
             for start in range(0, len(take), bs):
-                yield self._finish(images[start : start + bs]), labels[start : start + bs]
+                part = slice(start, start + bs)
+                yield self._finish(images[part]), labels[part], take[part]
 
     def _finish(self, images: torch.Tensor) -> torch.Tensor:
         if self.channels is not None:
@@ -299,17 +309,19 @@ class ImageFiles(Dataset):
             array = decode_image(self.files[index], size=self.image_size, channels=self.channels)
         except BadImage as bad:
             return _Bad(bad.path, bad.reason)
-        return torch.from_numpy(array).permute(2, 0, 1), self.labels[index]
+        return torch.from_numpy(array).permute(2, 0, 1), self.labels[index], index
 
 
-def _collate(samples: list) -> tuple[torch.Tensor | None, torch.Tensor | None, tuple[tuple[str, str], ...]]:
+def _collate(samples: list) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None,
+                                     tuple[tuple[str, str], ...]]:
     good = [s for s in samples if not isinstance(s, _Bad)]
     bad = tuple((s.path, s.reason) for s in samples if isinstance(s, _Bad))
     if not good:
-        return None, None, bad
-    images = torch.stack([image for image, _ in good])
-    labels = torch.tensor([label for _, label in good], dtype=torch.int64)
-    return images, labels, bad
+        return None, None, None, bad
+    images = torch.stack([image for image, _, _ in good])
+    labels = torch.tensor([label for _, label, _ in good], dtype=torch.int64)
+    index = torch.tensor([i for _, _, i in good], dtype=torch.int64)
+    return images, labels, index, bad
 
 
 def _seed_worker(worker_id: int) -> None:
@@ -370,12 +382,17 @@ class FileBatches:
         self.sampler.skip = _check_start(start_batch, self.steps) * self.batch_size
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for images, labels, bad in self.loader:
+        for images, labels, _ in self.indexed():
+            yield images, labels
+
+    def indexed(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        for images, labels, index, bad in self.loader:
             if bad:
                 self._bad(bad)
             if images is None:
                 continue
-            yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+            yield (images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True),
+                   index.to(self.device, non_blocking=True))
 
     def _bad(self, bad: tuple[tuple[str, str], ...]) -> None:
         path, reason = bad[0]

@@ -26,8 +26,10 @@ from cnnreg import checkpoint, distributed, splits
 from cnnreg.batches import make_batches
 from cnnreg.components import instantiate
 from cnnreg.data import DataContext, DatasetInfo, DataSource, ImageSplit
-from cnnreg.device import autocast, configure_backends, resolve_device, resolve_precision, seed_everything
+from cnnreg.device import (apply_precision, autocast, configure_backends, input_dtype, resolve_device,
+                           resolve_precision, seed_everything)
 from cnnreg.errors import RecipeError, UserError
+from cnnreg.forward import apply_transform, merge_views, prepare_batch, view_weights
 from cnnreg.plugins import PluginManager
 from cnnreg.recipe import RecipeBase
 from cnnreg.records import EpochRecord, EvalResult, FitResult, Metric, ProgressRecord, Schedule, infer_mode
@@ -168,9 +170,11 @@ def build(
     eval_tf = tuple(instantiate(recipe, "transform", ("transforms", "eval", i), spec, data_context=context)
                     for i, spec in enumerate(recipe.transforms.eval))
     dry_run(recipe, model, sample_images(data.train, 2, data.image_size, channels), data.classes, train_tf, eval_tf)
+    init_from_data(model, data, channels, eval_tf)
 
     channels_last = opts.channels_last if opts.channels_last is not None else run_device.type == "cuda"
     model.to(run_device)
+    apply_precision(model, precision)
     if channels_last:
         model.to(memory_format=torch.channels_last)
     model = distributed.sync_batchnorm(model, dist, opts.sync_batchnorm)
@@ -286,14 +290,19 @@ def dry_run(recipe: RecipeBase, model: nn.Module, images: torch.Tensor, classes:
         with torch.no_grad():
             for split, transforms in (("train", train_tf), ("eval", eval_tf)):
                 x = images.float().div(255)
+                index = torch.arange(len(images))
                 for i, transform in enumerate(transforms):
+                    if split == "train" and getattr(transform, "view_weights", None) is not None:
+                        raise RecipeError([recipe.problem(("transforms", split, i),
+                                                          "test-time augmentation makes several views of each "
+                                                          "image for evaluation: move it to transforms.eval")])
                     try:
-                        x = transform(x)
+                        x = apply_transform(transform, x, index, epoch=0)
                     except (ValueError, UserError, RuntimeError, TypeError, IndexError) as exc:
                         raise RecipeError([recipe.problem(("transforms", split, i),
                                                           f"on a batch of {tuple(x.shape)}: {exc}")]) from None
                 try:
-                    logits = model(x)
+                    logits = merge_views(model(x), view_weights(transforms))
                 except Exception as exc:
                     raise RecipeError([recipe.problem(("model",), f"the model fails on the {split} batch of shape "
                                                       f"{tuple(x.shape)}: {type(exc).__name__}: {exc}")]) from None
@@ -307,6 +316,20 @@ def dry_run(recipe: RecipeBase, model: nn.Module, images: torch.Tensor, classes:
                                                       f"expected {expected}")])
     finally:
         model.train(was_training)
+
+
+def init_from_data(model: nn.Module, data: DataSource, channels: int, eval_tf: Sequence[Callable]) -> None:
+    """Data-dependent initialisation: a model with ``cnnreg_init_from_data(images)``
+    gets its first ``cnnreg_init_images`` training images, as evaluation sees
+    them (eval transforms, no augmentation), on the CPU, before it moves to
+    the device. A resumed run then loads its saved weights over it."""
+    init = getattr(model, "cnnreg_init_from_data", None)
+    if not callable(init):
+        return
+    count = int(getattr(model, "cnnreg_init_images", 5000))
+    images = sample_images(data.train, count, data.image_size, channels)
+    with torch.no_grad():
+        init(prepare_batch(images, eval_tf, channels_last=False))
 
 
 def sample_images(split: ImageSplit, count: int, image_size: tuple[int, int], channels: int) -> torch.Tensor:
@@ -386,14 +409,11 @@ def run_plugin_manager(parent: PluginManager, callbacks: Iterable[object]) -> Pl
 # -- the step ----------------------------------------------------------------------------------
 
 
-def prepare(run: Run, images: torch.Tensor, transforms: Sequence[Callable]) -> torch.Tensor:
-    """uint8 batch -> float in [0, 1] -> the recipe's transforms -> the model's memory format."""
-    x = images.float().div_(255)
-    for transform in transforms:
-        x = transform(x)
-    if run.channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    return x
+def prepare(run: Run, images: torch.Tensor, transforms: Sequence[Callable], index: torch.Tensor | None = None,
+            epoch: int = 0) -> torch.Tensor:
+    """uint8 batch -> float in [0, 1] -> the recipe's transforms -> the model's dtype and memory format."""
+    return prepare_batch(images, transforms, channels_last=run.channels_last, dtype=input_dtype(run.precision),
+                         index=index, epoch=epoch)
 
 
 def train_epoch(run: Run, epoch: int, tallies: Tallies, skip_batches: int, stop: StopFlag,
@@ -410,9 +430,14 @@ def train_epoch(run: Run, epoch: int, tallies: Tallies, skip_batches: int, stop:
     seen = skip_batches
     skip_nan = opts.on_nan == "skip"
     clip_params = [p for g in run.optimizer.param_groups for p in g["params"]]
+    # Per-step events cost a hook call per step: only made when a plugin listens.
+    step_hook = run.pm.hook.cnnreg_optimizer_step
+    step_listeners = bool(step_hook.get_hookimpls())
+    steps_per_epoch = math.ceil(total / opts.accumulate)
+    total_steps = steps_per_epoch * opts.epochs
     with out_of_memory_advice(run, "train", batches.batch_size):
-        for index, (images, targets) in enumerate(batches, start=skip_batches):
-            x = prepare(run, images, run.train_transforms)
+        for index, (images, targets, sample_index) in enumerate(batches.indexed(), start=skip_batches):
+            x = prepare(run, images, run.train_transforms, sample_index, epoch)
             boundary = (index + 1) % opts.accumulate == 0 or index + 1 == total
             sync_grads = contextlib.nullcontext() if boundary or not hasattr(model, "no_sync") else model.no_sync()
             with sync_grads:
@@ -431,6 +456,9 @@ def train_epoch(run: Run, epoch: int, tallies: Tallies, skip_batches: int, stop:
                 optimizer_step(run, clip_params)
                 if run.schedule is not None and run.schedule.interval == "step":
                     run.schedule.scheduler.step()
+                if step_listeners:
+                    step = (epoch - 1) * steps_per_epoch + math.ceil((index + 1) / opts.accumulate)
+                    step_hook(run=run, epoch=epoch, step=step, total_steps=total_steps)
             seen += 1
             if timing.measure_first and not timing.compiled_train:
                 timing.compile_seconds += _synchronized_since(run.device, start)
@@ -491,15 +519,17 @@ def _evaluate(run: Run, split: str, timing: Timing | None) -> EvalResult:
     if split not in run.batches:
         have = ", ".join(run.batches)
         raise UserError(f"this run has no {split!r} split (it has: {have})")
+    run.pm.hook.cnnreg_evaluate_start(run=run, split=split)
     model = run.step_model or run.model
     batches = run.batches[split]
     tallies = Tallies(run.data.num_classes, run.metrics, run.device)
+    views = view_weights(run.eval_transforms)
     run.model.eval()
     start = time.perf_counter()
     with out_of_memory_advice(run, split, batches.batch_size), torch.inference_mode(), \
             autocast(run.device, run.precision):
-        for images, targets in batches:
-            logits = model(prepare(run, images, run.eval_transforms))
+        for images, targets, index in batches.indexed():
+            logits = merge_views(model(prepare(run, images, run.eval_transforms, index)), views)
             loss = run.loss_fn(logits.float(), targets)
             tallies.update(logits, targets, loss)
             if timing is not None and timing.measure_first and not timing.compiled_eval:

@@ -207,6 +207,35 @@ def cnnreg_train_progress(run: Run, progress: ProgressRecord) -> None:
 
 
 @hookspec
+def cnnreg_optimizer_step(run: Run, epoch: int, step: int, total_steps: int) -> None:
+    """Called after every optimizer step, only when some plugin implements it.
+
+    For work that must follow the weights step by step (a moving average of
+    the weights, lookahead). It runs inside the training loop: queue device
+    work, never read a tensor back to the host here.
+
+    :param run: the run.
+    :param epoch: the current epoch, 1-based.
+    :param step: optimizer steps taken since training began, this one included
+        (1-based, counted across epochs and resumes).
+    :param total_steps: the optimizer steps the whole run takes.
+    """
+
+
+@hookspec
+def cnnreg_evaluate_start(run: Run, split: str) -> None:
+    """Called before the model is evaluated on a split (``val`` each epoch, or any split
+    through :func:`cnnreg.evaluate`).
+
+    A plugin may put other weights in the model here (an average of the
+    weights); it puts the training weights back in :func:`cnnreg_epoch_start`.
+
+    :param run: the run.
+    :param split: ``train``, ``val`` or ``test``.
+    """
+
+
+@hookspec
 def cnnreg_epoch_end(run: Run, record: EpochRecord) -> None:
     """Called after each epoch's training and evaluation.
 

@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from cnnreg import splits
-from cnnreg.device import autocast
+from cnnreg.device import autocast, input_dtype
+from cnnreg.forward import merge_views, prepare_batch, view_weights
 from cnnreg.errors import UserError
 from cnnreg.records import Prediction
 
@@ -72,12 +73,8 @@ def predict(run: Run | Predictor, images: Sequence[Any], top_k: int = 1) -> list
     x = torch.stack(batch).to(p.device)
     p.model.eval()
     with torch.inference_mode(), autocast(p.device, p.precision):
-        x = x.float().div_(255)
-        for transform in p.transforms:
-            x = transform(x)
-        if p.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        probabilities = torch.softmax(p.model(x).float(), dim=1)
+        x = prepare_batch(x, p.transforms, channels_last=p.channels_last, dtype=input_dtype(p.precision))
+        probabilities = torch.softmax(merge_views(p.model(x), view_weights(p.transforms)).float(), dim=1)
     confidences, indices = probabilities.topk(top_k, dim=1)
     return [Prediction(source=s, classes=tuple(p.classes[i] for i in idx), indices=tuple(idx),
                        confidences=tuple(conf))

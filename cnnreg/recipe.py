@@ -54,8 +54,9 @@ class TrainerOptions(Strict):
     epochs: int = Field(10, ge=1, le=1_000_000, description="Number of passes over the training split.")
     device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$",
                         description="auto picks cuda, then mps, then cpu.")
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        "auto", description="auto: bf16 autocast on CUDA, fp32 elsewhere; fp16 uses a gradient scaler.")
+    precision: Literal["auto", "fp32", "bf16", "fp16", "bf16-true"] = Field(
+        "auto", description="auto: bf16 autocast on CUDA, fp32 elsewhere; fp16 uses a gradient scaler; "
+        "bf16-true: weights and activations in bf16, normalisation layers in fp32 (no autocast casts).")
     channels_last: bool | None = Field(None, description="Channels-last memory format; default on for CUDA.")
     compile: Literal["off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = Field(
         "off", description="torch.compile mode for the model; reduce-overhead uses CUDA graphs.")

@@ -18,7 +18,7 @@ import torch
 from cnnreg import checkpoint
 from cnnreg.components import instantiate
 from cnnreg.data import DatasetInfo
-from cnnreg.device import resolve_device, resolve_precision
+from cnnreg.device import apply_precision, resolve_device, resolve_precision
 from cnnreg.engine import Run, build, data_context
 from cnnreg.prediction import Predictor
 from cnnreg.errors import UserError
@@ -62,12 +62,14 @@ def load_predictor(run_dir: Path, *, checkpoint: str = "best", device: str | Non
     load_checkpoint_weights(model, run_dir, checkpoint)
     run_device = resolve_device(device or recipe.trainer.device)
     model.to(run_device)
+    precision = resolve_precision(recipe.trainer.precision, run_device)
+    apply_precision(model, precision)
     channels_last = recipe.trainer.channels_last if recipe.trainer.channels_last is not None else run_device.type == "cuda"
     if channels_last:
         model.to(memory_format=torch.channels_last)
     return Predictor(model=model, transforms=transforms, classes=dataset.classes, image_size=dataset.image_size,
                      channels=dataset.channels, device=run_device,
-                     precision=resolve_precision(recipe.trainer.precision, run_device), channels_last=channels_last)
+                     precision=precision, channels_last=channels_last)
 
 
 def model_and_eval_transforms(recipe: RecipeBase, dataset: DatasetInfo) -> tuple[torch.nn.Module, tuple]:

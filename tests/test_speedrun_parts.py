@@ -1,0 +1,330 @@
+"""The parts a record-speed CIFAR-10 run is assembled from, each usable on its own:
+sample-aware transforms (the alternating flip), test-time augmentation, moving
+averages of the weights, bf16 weights with fp32 batch norm, data-dependent
+initialisation and the per-step hook."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+import cnnreg
+from cnnreg import engine
+from cnnreg.batches import make_batches
+from cnnreg.data import ImageSplit
+from cnnreg.errors import RecipeError
+from cnnreg.forward import merge_views, prepare_batch, view_weights
+from cnnreg.hookspecs import hookimpl
+from cnnreg_plugins.alternating_flip import alternating_horizontal_flip
+from cnnreg_plugins.tta import tta
+from cnnreg_plugins.weight_averaging import ema, lookahead
+
+from conftest import tiny_recipe
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# -- views and their merging ---------------------------------------------------------------
+
+
+def test_tta_views_are_the_image_its_mirror_and_one_pixel_shifts_weighted_half_and_quarters():
+    x = torch.rand(2, 3, 8, 8)
+    views = tta(flip=True, translate=1)(x)
+    assert views.shape == (12, 3, 8, 8)
+    v = views.unflatten(0, (6, 2))
+    assert torch.equal(v[0], x) and torch.equal(v[1], x.flip(-1))
+    padded = nn.functional.pad(x, (1, 1, 1, 1), mode="reflect")
+    assert torch.equal(v[2], padded[..., :8, :8]) and torch.equal(v[4], padded[..., 2:, 2:])
+    assert torch.equal(v[3], v[2].flip(-1)) and torch.equal(v[5], v[4].flip(-1))
+    weights = tta(flip=True, translate=1).view_weights
+    assert weights == (0.25, 0.25, 0.125, 0.125, 0.125, 0.125)
+    assert tta(flip=True).view_weights == (0.5, 0.5)
+
+
+def test_merged_logits_are_the_weighted_average_of_the_views():
+    logits = torch.randn(3 * 4, 5)
+    weights = (0.5, 0.25, 0.25)
+    expected = sum(w * logits[i * 4:(i + 1) * 4] for i, w in enumerate(weights))
+    assert torch.allclose(merge_views(logits, weights), expected)
+    assert merge_views(logits, None) is logits
+
+
+def test_views_of_two_expanding_transforms_multiply():
+    first, second = tta(flip=True), tta(flip=False, translate=1)
+    weights = view_weights([first, lambda x: x, second])
+    assert len(weights) == 6 and math.isclose(sum(weights), 1.0)
+    # the second's views are the outer index: its first (weight 0.5) covers the first two
+    assert weights[:2] == (0.25, 0.25)
+
+
+def test_tta_that_makes_no_view_is_refused():
+    with pytest.raises(ValueError, match="no extra view"):
+        tta(flip=False, translate=0)
+
+
+# -- the alternating flip --------------------------------------------------------------------
+
+
+def test_alternating_flip_shows_every_image_mirrored_exactly_every_other_epoch():
+    flip = alternating_horizontal_flip(seed=3)
+    index = torch.arange(4000)
+    first, second, third = (flip.flipped(index, epoch) for epoch in (1, 2, 3))
+    assert torch.equal(first, ~second) and torch.equal(first, third)
+    assert 0.45 < first.float().mean() < 0.55
+    # neighbouring indices are not in lockstep (a poor hash would alternate)
+    assert 0.4 < (first[1:] == first[:-1]).float().mean() < 0.6
+    assert not torch.equal(first, alternating_horizontal_flip(seed=4).flipped(index, 1))
+    x = torch.rand(4, 3, 5, 5)
+    out = flip(x, index=index[:4], epoch=1)
+    for i in range(4):
+        assert torch.equal(out[i], x[i].flip(-1) if first[i] else x[i])
+
+
+def test_batches_carry_each_samples_index_in_its_split(tmp_path):
+    images = torch.arange(20, dtype=torch.uint8).view(20, 1, 1, 1).expand(20, 1, 2, 2).contiguous()
+    split = ImageSplit(images=images, labels=torch.arange(20) % 3)
+    for shuffle in (False, True):
+        batches = make_batches(split, batch_size=6, shuffle=shuffle, device="cpu", seed=1)
+        batches.set_epoch(2)
+        seen = []
+        for batch, labels, index in batches.indexed():
+            assert torch.equal(batch[:, 0, 0, 0].long(), index) and torch.equal(labels, index % 3)
+            seen += index.tolist()
+        assert sorted(seen) == list(range(20))
+
+
+class IndexRecorder:
+    """A transform that asks for sample indices and writes down what it gets."""
+
+    uses_sample_index = True
+
+    def __init__(self):
+        self.calls: list[tuple[int, list[int] | None]] = []
+
+    def __call__(self, x, index=None, epoch=0):
+        self.calls.append((epoch, None if index is None else index.tolist()))
+        return x
+
+
+class RecorderPlugin:
+    def __init__(self):
+        self.recorder = IndexRecorder()
+
+    @hookimpl
+    def cnnreg_transforms(self):
+        return {"record_index": lambda: self.recorder}
+
+
+def test_training_hands_sample_aware_transforms_each_samples_index_and_the_epoch(tmp_path):
+    plugin = RecorderPlugin()
+    recipe = tiny_recipe(tmp_path, trainer__epochs=2, transforms={"train": [{"name": "record_index"}],
+                                                                  "eval": []})
+    cnnreg.fit(cnnreg.build(cnnreg.load_recipe(recipe, extra=[plugin])))
+    training = [(epoch, index) for epoch, index in plugin.recorder.calls if epoch > 0]
+    for epoch in (1, 2):
+        indices = [i for e, index in training if e == epoch for i in index]
+        assert sorted(indices) == list(range(192))  # every training image once, by its index
+
+
+# -- test-time augmentation in evaluation and prediction -------------------------------------
+
+
+def test_tta_evaluates_every_image_once_and_changes_the_logits_not_the_count(tmp_path):
+    run = cnnreg.build(cnnreg.load_recipe(tiny_recipe(tmp_path, trainer__epochs=3)))
+    cnnreg.fit(run)
+    plain = cnnreg.evaluate(run, "test")
+    with_tta = cnnreg.evaluate(engine.replace(run, eval_transforms=run.eval_transforms + (tta(translate=1),)), "test")
+    assert sum(with_tta.per_class["support"]) == sum(plain.per_class["support"]) == 48
+    assert with_tta.metrics["accuracy"] > 0.6
+    assert with_tta.metrics["loss"] != plain.metrics["loss"]
+
+
+def test_tta_in_training_transforms_is_refused_with_where_it_belongs(tmp_path):
+    recipe = tiny_recipe(tmp_path, transforms={"train": [{"name": "tta"}], "eval": []})
+    with pytest.raises(RecipeError, match=r"transforms\.train\[0\].*move it to transforms\.eval"):
+        cnnreg.build(cnnreg.load_recipe(recipe), output=False)
+
+
+def test_predict_with_tta_gives_one_answer_per_image(tmp_path):
+    recipe = tiny_recipe(tmp_path, trainer__epochs=3,
+                         transforms={"train": [{"name": "normalize"}],
+                                     "eval": [{"name": "normalize"}, {"name": "tta", "translate": 1}]})
+    run = cnnreg.build(cnnreg.load_recipe(recipe))
+    cnnreg.fit(run)
+    images = run.data.train.images[:5]
+    answers = cnnreg.predict(run, list(images))
+    assert len(answers) == 5 and all(0 < a.confidences[0] <= 1 for a in answers)
+    right = sum(a.indices[0] == int(label) for a, label in zip(answers, run.data.train.labels[:5]))
+    assert right >= 3
+
+
+# -- moving averages of the weights ----------------------------------------------------------
+
+
+def _fake_run(model):
+    return SimpleNamespace(model=model)
+
+
+def test_ema_moves_the_average_by_one_minus_decay_and_swaps_it_in_for_evaluation():
+    model = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
+    average = ema(decay=0.75)
+    run = _fake_run(model)
+    average.cnnreg_fit_start(run=run, start_epoch=1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        model[0].weight.add_(4.0)
+        model[1].running_mean.add_(8.0)
+    trained = {k: v.clone() for k, v in model.state_dict().items()}
+    average.cnnreg_optimizer_step(run=run, epoch=1, step=1, total_steps=10)
+    assert torch.allclose(average.average[0], before["0.weight"] + 1.0)  # 0.25 of the way to +4
+    assert torch.equal(model[0].weight, trained["0.weight"])  # ema leaves the training weights alone
+
+    average.cnnreg_evaluate_start(run=run, split="val")
+    assert torch.allclose(model[0].weight, before["0.weight"] + 1.0)
+    assert torch.allclose(model[1].running_mean, before["1.running_mean"] + 2.0)
+    average.cnnreg_epoch_start(run=run, epoch=2)
+    assert torch.equal(model[0].weight, trained["0.weight"])
+    assert model[1].num_batches_tracked.dtype == torch.int64  # integer buffers are left out
+
+
+def test_lookahead_resets_the_weights_to_the_slow_copy_on_its_steps_only():
+    model = nn.Linear(2, 2)
+    slow = lookahead(decay=0.5, every=2, ramp_power=0.0)
+    run = _fake_run(model)
+    slow.cnnreg_fit_start(run=run, start_epoch=1)
+    start = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.add_(2.0)
+    slow.cnnreg_optimizer_step(run=run, epoch=1, step=1, total_steps=4)  # not its step
+    assert torch.equal(model.weight, start + 2.0)
+    slow.cnnreg_optimizer_step(run=run, epoch=1, step=2, total_steps=4)
+    assert torch.allclose(model.weight, start + 1.0) and torch.equal(slow.average[0], model.weight)
+    assert slow.decay_at(2, 4) == 0.5
+    assert lookahead().decay_at(5, 10) == pytest.approx(0.95**5 * 0.5**3)
+
+
+def test_lookahead_with_no_decay_changes_nothing(tmp_path):
+    changes = dict(trainer__epochs=2, trainer__deterministic=True)
+    plain = cnnreg.build(cnnreg.load_recipe(tiny_recipe(tmp_path / "a", **changes)))
+    cnnreg.fit(plain)
+    slow = cnnreg.build(cnnreg.load_recipe(tiny_recipe(
+        tmp_path / "b", **changes, callbacks=[{"name": "lookahead", "decay": 0.0, "every": 1}])))
+    cnnreg.fit(slow)
+    for key, value in plain.model.state_dict().items():
+        assert torch.allclose(value.float(), slow.model.state_dict()[key].float(), atol=1e-6), key
+
+
+class InterruptAfterEpoch:
+    def __init__(self, epoch):
+        self.epoch = epoch
+
+    @hookimpl
+    def cnnreg_epoch_end(self, run, record):
+        if record.epoch == self.epoch:
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_a_run_with_an_ema_resumes_to_the_same_weights_and_ends_holding_the_average(tmp_path):
+    changes = dict(trainer__epochs=3, trainer__deterministic=True,
+                   callbacks=[{"name": "ema", "decay": 0.9}, {"name": "checkpoint"}])
+    straight = cnnreg.build(cnnreg.load_recipe(tiny_recipe(tmp_path / "a", **changes)))
+    result = cnnreg.fit(straight)
+    # The model ends holding the average, which is what validation reported
+    # (the training weights are in the callback while it is swapped in).
+    ema_callback = straight.callbacks[0]
+    training_weights = ema_callback.average
+    held = [t for t in straight.model.state_dict().values() if t.is_floating_point()]
+    assert ema_callback.swapped and not all(torch.equal(a, m) for a, m in zip(training_weights, held))
+    assert cnnreg.evaluate(straight, "val").metrics["accuracy"] == result.records[-1].metrics["val_accuracy"]
+
+    interrupted = cnnreg.build(cnnreg.load_recipe(tiny_recipe(tmp_path / "b", **changes),
+                                                  extra=[InterruptAfterEpoch(2)]))
+    with pytest.raises(engine.Interrupted):
+        cnnreg.fit(interrupted)
+    resumed = cnnreg.build(cnnreg.load_recipe(interrupted.run_dir / "recipe.json"), run_dir=interrupted.run_dir)
+    cnnreg.fit(resumed, resume=True)
+    for key, value in straight.model.state_dict().items():
+        assert torch.equal(value, resumed.model.state_dict()[key]), key
+
+
+# -- bf16 weights with fp32 batch norm ------------------------------------------------------
+
+
+def test_bf16_true_keeps_weights_in_bf16_and_batch_norm_in_fp32_and_trains(tmp_path):
+    recipe = tiny_recipe(tmp_path, trainer__epochs=5, trainer__precision="bf16-true",
+                         model={"name": "simple_cnn", "widths": [8, 8, 8], "batch_norm": True})
+    run = cnnreg.build(cnnreg.load_recipe(recipe))
+    convs = [m for m in run.model.modules() if isinstance(m, nn.Conv2d)]
+    norms = [m for m in run.model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert convs and norms
+    assert all(m.weight.dtype == torch.bfloat16 for m in convs)
+    assert all(m.weight.dtype == torch.float32 and m.running_var.dtype == torch.float32 for m in norms)
+    cnnreg.fit(run)
+    assert cnnreg.evaluate(run, "test").metrics["accuracy"] > 0.6
+    assert all(m.running_var.dtype == torch.float32 for m in norms)
+    answer = cnnreg.predict(run, [run.data.test.images[0]])[0]
+    assert 0 < answer.confidences[0] <= 1
+
+
+# -- data-dependent initialisation and the per-step hook -----------------------------------
+
+
+def test_build_initialises_a_model_from_training_images_as_evaluation_sees_them(tmp_path):
+    recipe = cnnreg.load_recipe(tiny_recipe(tmp_path, model={"name": "whitening_cnn", "widths": [8, 8, 8]}))
+    run = cnnreg.build(recipe, output=False)
+    images = engine.sample_images(run.data.train, run.model.cnnreg_init_images, run.data.image_size, 3)
+    expected = torch.nn.Conv2d(3, 24, 2)
+    model = run.model
+    saved = model.whiten.weight.detach().clone()
+    with torch.no_grad():
+        model.whiten.weight.copy_(expected.weight)
+    model.cnnreg_init_from_data(prepare_batch(images, run.eval_transforms, channels_last=False))
+    assert torch.allclose(model.whiten.weight, saved)
+    assert not torch.allclose(saved, expected.weight)
+
+
+class StepCounter:
+    def __init__(self):
+        self.steps: list[tuple[int, int, int]] = []
+
+    @hookimpl
+    def cnnreg_optimizer_step(self, run, epoch, step, total_steps):
+        self.steps.append((epoch, step, total_steps))
+
+
+def test_the_step_hook_counts_optimizer_steps_across_epochs_with_accumulation(tmp_path):
+    counter = StepCounter()
+    recipe = tiny_recipe(tmp_path, trainer__epochs=2, trainer__accumulate=2)
+    cnnreg.fit(cnnreg.build(cnnreg.load_recipe(recipe, extra=[counter])))
+    per_epoch = math.ceil(math.ceil(192 / 32) / 2)
+    assert [s for _, s, _ in counter.steps] == list(range(1, 2 * per_epoch + 1))
+    assert {t for _, _, t in counter.steps} == {2 * per_epoch}
+    assert [e for e, _, _ in counter.steps] == [1] * per_epoch + [2] * per_epoch
+
+
+# -- the speedrun recipe, shrunk to run on the CPU ------------------------------------------
+
+
+def test_the_speedrun_recipe_trains_on_the_cpu_when_shrunk(tmp_path):
+    raw = json.loads((REPO / "recipes" / "cifar10-speedrun.json").read_text())
+    raw.update(data={"name": "synthetic", "num_classes": 4, "image_size": 16, "train_size": 512, "val_size": 0,
+                     "test_size": 128, "batch_size": 64, "drop_last": True},
+               output_dir=str(tmp_path / "runs"))
+    raw["model"]["widths"] = [16, 32, 32]
+    raw["trainer"].update(epochs=4, compile="off", precision="fp32", progress="off")
+    for spec in raw["transforms"]["train"] + raw["transforms"]["eval"]:
+        spec.pop("mean", None), spec.pop("std", None)
+    raw["transforms"]["train"][2]["size"] = 16
+    raw["optimizer"]["lr"] = 0.2  # the recipe's rate is for batch 1024
+    run = cnnreg.build(cnnreg.load_recipe(raw))
+    assert len(run.optimizer.param_groups) == 3  # whiten bias, bias/norm (64x), the rest
+    cnnreg.fit(run)
+    assert cnnreg.evaluate(run, "test").metrics["accuracy"] > 0.5  # four classes: chance is 1/4
