@@ -61,6 +61,8 @@ def main() -> None:
                            "1" if args.smoke else "2"], 120),
         ("mnist-fast", accuracy("mnist-fast.json", "--data", str(data)), 40),
         ("cifar10-fast", accuracy("cifar10-fast.json", "--data", str(cifar)), 60),
+        ("speedrun", [sys.executable, str(HERE / "speedrun.py"), "--data", str(cifar),
+                      "--runs", "1" if args.smoke else "5", *smoke], 300),
         ("torchrun-1", [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1",
                         "-m", "cnnreg", "run", str(REPO / "recipes" / "mnist-fast.json"), "--set",
                         f"data.root={data}", "--set", "data.download=false", "--set", "trainer.epochs=1",
