@@ -76,7 +76,7 @@ def main() -> None:
     time_mean, time_std = mean_std([r["training_seconds"] for r in rows])
     tta_mean, tta_std = mean_std([r["test_accuracy_tta"] for r in rows])
     plain_mean, plain_std = mean_std([r["test_accuracy"] for r in rows])
-    print(f"\n| runs | training s (mean ± std) | test acc. with TTA | without TTA | warm-up compile s |")
+    print("\n| runs | training s (mean ± std) | test acc. with TTA | without TTA | warm-up compile s |")
     print("|---|---|---|---|---|")
     print(f"| {len(rows)} | {time_mean:.3f} ± {time_std:.3f} | {100 * tta_mean:.2f}% ± {100 * tta_std:.2f} "
           f"| {100 * plain_mean:.2f}% ± {100 * plain_std:.2f} | {warmup['first_step_seconds']:.1f} |")

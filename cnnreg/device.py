@@ -74,12 +74,21 @@ def apply_precision(model: nn.Module, precision: str) -> nn.Module:
         return model
     model.to(torch.bfloat16)
     for module in model.modules():
-        if isinstance(module, NORM_LAYERS) and not getattr(module, "_cnnreg_fp32", False):
+        if isinstance(module, NORM_LAYERS) and not hasattr(module, "_cnnreg_fp32_hooks"):
             module.float()
-            module.register_forward_pre_hook(_upcast_input)
-            module.register_forward_hook(_downcast_output)
-            module._cnnreg_fp32 = True
+            module._cnnreg_fp32_hooks = (module.register_forward_pre_hook(_upcast_input),
+                                         module.register_forward_hook(_downcast_output))
     return model
+
+
+def full_precision(model: nn.Module) -> nn.Module:
+    """The model in fp32 throughout, without :func:`apply_precision`'s hooks (for export)."""
+    for module in model.modules():
+        for hook in getattr(module, "_cnnreg_fp32_hooks", ()):
+            hook.remove()
+        if hasattr(module, "_cnnreg_fp32_hooks"):
+            del module._cnnreg_fp32_hooks
+    return model.float()
 
 
 def _upcast_input(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:

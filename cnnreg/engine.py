@@ -182,6 +182,13 @@ def build(
     optimizer = instantiate(recipe, "optimizer", ("optimizer",), recipe.optimizer, live=param_groups(model))
 
     batches = make_split_batches(recipe, data, channels, run_device, dist)
+    if len(batches["train"]) == 0:
+        per_rank = (f" ({len(data.train) // dist.world_size} per process of {dist.world_size})"
+                    if dist.world_size > 1 else "")
+        raise RecipeError([recipe.problem(("data", "batch_size"), (
+            f"the training split has {len(data.train)} images{per_rank}, fewer than "
+            f"one batch of {recipe.data.batch_size} with drop_last: no training step would run; lower "
+            f"data.batch_size or set data.drop_last false"))])
     steps_per_epoch = math.ceil(len(batches["train"]) / opts.accumulate)
     schedule = None
     if recipe.scheduler is not None:
@@ -420,7 +427,7 @@ def train_epoch(run: Run, epoch: int, tallies: Tallies, skip_batches: int, stop:
                 timing: Timing) -> float:
     """One pass over the training split; returns its wall time in seconds."""
     opts = run.recipe.trainer
-    model = run.step_model or run.model
+    model = (run.step_model if run.step_model is not None else run.model)
     batches = run.batches["train"]
     batches.set_epoch(epoch, start_batch=skip_batches)  # resuming mid-epoch: the same order, from there
     run.model.train()
@@ -520,7 +527,7 @@ def _evaluate(run: Run, split: str, timing: Timing | None) -> EvalResult:
         have = ", ".join(run.batches)
         raise UserError(f"this run has no {split!r} split (it has: {have})")
     run.pm.hook.cnnreg_evaluate_start(run=run, split=split)
-    model = run.step_model or run.model
+    model = (run.step_model if run.step_model is not None else run.model)
     batches = run.batches[split]
     tallies = Tallies(run.data.num_classes, run.metrics, run.device)
     views = view_weights(run.eval_transforms)

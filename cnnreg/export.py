@@ -7,6 +7,8 @@ from pathlib import Path
 import torch
 
 from cnnreg import checkpoint
+from cnnreg.device import full_precision
+from cnnreg.forward import merge_views, view_weights
 from cnnreg.prediction import Predictor
 from cnnreg.errors import UserError
 
@@ -23,7 +25,7 @@ def export(p: Predictor, fmt: str, output: Path | None, run_dir: Path, tolerance
     if fmt not in SUFFIX:
         raise UserError(f"unknown export format {fmt!r}; use onnx, torchscript or safetensors")
     path = Path(output) if output is not None else Path(run_dir) / f"model{SUFFIX[fmt]}"
-    module = _Exportable(checkpoint.unwrap(p.model).float().cpu().eval(), p.transforms).eval()
+    module = _Exportable(full_precision(checkpoint.unwrap(p.model)).cpu().eval(), p.transforms).eval()
     example = torch.rand(4, p.channels, *p.image_size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = module(example)
@@ -57,11 +59,12 @@ class _Exportable(torch.nn.Module):
         super().__init__()
         self.model = model
         self.transforms = list(transforms)
+        self.views = view_weights(self.transforms)  # test-time augmentation: one merged answer per image
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for transform in self.transforms:
             x = transform(x)
-        return self.model(x)
+        return merge_views(self.model(x), self.views)
 
 
 def _reload_safetensors(module: _Exportable, path: Path) -> _Exportable:

@@ -147,6 +147,13 @@ def test_tta_evaluates_every_image_once_and_changes_the_logits_not_the_count(tmp
     assert with_tta.metrics["loss"] != plain.metrics["loss"]
 
 
+def test_a_batch_larger_than_the_training_split_with_drop_last_is_refused_before_training(tmp_path):
+    recipe = tiny_recipe(tmp_path, data__batch_size=256, data__drop_last=True)
+    with pytest.raises(RecipeError, match=r"data\.batch_size: the training split has 192 images, fewer than one "
+                                          r"batch of 256 with drop_last.*lower data\.batch_size"):
+        cnnreg.build(cnnreg.load_recipe(recipe), output=False)
+
+
 def test_tta_in_training_transforms_is_refused_with_where_it_belongs(tmp_path):
     recipe = tiny_recipe(tmp_path, transforms={"train": [{"name": "tta"}], "eval": []})
     with pytest.raises(RecipeError, match=r"transforms\.train\[0\].*move it to transforms\.eval"):
@@ -328,3 +335,22 @@ def test_the_speedrun_recipe_trains_on_the_cpu_when_shrunk(tmp_path):
     assert len(run.optimizer.param_groups) == 3  # whiten bias, bias/norm (64x), the rest
     cnnreg.fit(run)
     assert cnnreg.evaluate(run, "test").metrics["accuracy"] > 0.5  # four classes: chance is 1/4
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
+def test_a_bf16_true_run_with_tta_exports_in_fp32_with_one_answer_per_image(tmp_path, fmt, capsys):
+    from cnnreg.cli import main
+
+    recipe = tiny_recipe(tmp_path, trainer__epochs=1, trainer__precision="bf16-true",
+                         model={"name": "simple_cnn", "widths": [8, 8, 8], "batch_norm": True},
+                         transforms={"train": [{"name": "normalize"}],
+                                     "eval": [{"name": "normalize"}, {"name": "tta", "translate": 1}]},
+                         callbacks=[{"name": "checkpoint"}])
+    run = cnnreg.build(cnnreg.load_recipe(recipe))
+    cnnreg.fit(run)
+    output = tmp_path / f"model.{fmt}"
+    assert main(["export", str(run.run_dir), "--format", fmt, "-o", str(output)]) == 0
+    assert "outputs match the model" in capsys.readouterr().out
+    if fmt == "torchscript":
+        logits = torch.jit.load(str(output))(torch.rand(5, 3, 12, 12))
+        assert logits.shape == (5, 3) and logits.dtype == torch.float32
