@@ -427,7 +427,7 @@ def train_epoch(run: Run, epoch: int, tallies: Tallies, skip_batches: int, stop:
                 timing: Timing) -> float:
     """One pass over the training split; returns its wall time in seconds."""
     opts = run.recipe.trainer
-    model = (run.step_model if run.step_model is not None else run.model)
+    model = run.step_model if run.step_model is not None else run.model
     batches = run.batches["train"]
     batches.set_epoch(epoch, start_batch=skip_batches)  # resuming mid-epoch: the same order, from there
     run.model.train()
@@ -527,7 +527,7 @@ def _evaluate(run: Run, split: str, timing: Timing | None) -> EvalResult:
         have = ", ".join(run.batches)
         raise UserError(f"this run has no {split!r} split (it has: {have})")
     run.pm.hook.cnnreg_evaluate_start(run=run, split=split)
-    model = (run.step_model if run.step_model is not None else run.model)
+    model = run.step_model if run.step_model is not None else run.model
     batches = run.batches[split]
     tallies = Tallies(run.data.num_classes, run.metrics, run.device)
     views = view_weights(run.eval_transforms)

@@ -56,6 +56,7 @@ class WeightAverage:
         self.reset_model = reset_model
         self.eval_with_average = eval_with_average and not reset_model  # lookahead: the model is the average
         self.average: list[torch.Tensor] | None = None
+        self.state: list[torch.Tensor] = []  # the model's own tensors, listed once per fit (state_dict() is slow)
         self.swapped = False  # the model holds the average, the training weights are in self.average
 
     def decay_at(self, step: int, total_steps: int) -> float:
@@ -63,7 +64,7 @@ class WeightAverage:
 
     @hookimpl
     def cnnreg_fit_start(self, run: Run, start_epoch: int) -> None:
-        state = averaged_state(run.model)
+        state = self.state = averaged_state(run.model)
         if self.average is None:
             self.average = [t.detach().clone() for t in state]
         else:  # restored from last.pt (on the CPU, maybe in another dtype)
@@ -73,7 +74,7 @@ class WeightAverage:
     def cnnreg_optimizer_step(self, run: Run, epoch: int, step: int, total_steps: int) -> None:
         if step % self.every or self.average is None:
             return
-        state = averaged_state(run.model)
+        state = self.state
         with torch.no_grad():
             torch._foreach_lerp_(self.average, state, 1.0 - self.decay_at(step, total_steps))
             if self.reset_model:
@@ -94,11 +95,11 @@ class WeightAverage:
         # The model ends holding the average: what evaluate, predict and export then use.
         if not self.swapped and self.average is not None:
             with torch.no_grad():
-                torch._foreach_copy_(averaged_state(run.model), self.average)
+                torch._foreach_copy_(self.state, self.average)
 
     def _swap(self, run: Run) -> None:
         # Copies, not pointer swaps: a compiled or CUDA-graphed model keeps its tensors' addresses.
-        state = averaged_state(run.model)
+        state = self.state
         with torch.no_grad():
             held = [t.clone() for t in state]
             torch._foreach_copy_(state, self.average)
