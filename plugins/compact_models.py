@@ -38,6 +38,7 @@ from pydantic import Field
 from torch import nn
 
 from cnnreg.hookspecs import hookimpl
+from cnnreg_plugins._layers import activation_layer, check_activation, check_count
 
 Activation = Literal["gelu", "relu", "silu"]
 ACTIVATIONS: tuple[str, ...] = ("gelu", "relu", "silu")
@@ -89,21 +90,20 @@ def whitening_cnn(
         scaling: factor applied to the logits (1/9 keeps the initial logits small).
         activation: non-linearity after the whitening layer and each batch norm.
     """
-    _check_count("num_classes", num_classes)
-    _check_count("in_channels", in_channels)
+    check_count("num_classes", num_classes)
+    check_count("in_channels", in_channels)
     if len(widths) != 3:
         raise ValueError(f"widths must give 3 channel counts for whitening_cnn, not {len(widths)}: {list(widths)}")
     for width in widths:
-        _check_count("each of widths", width)
-    _check_count("whiten_kernel", whiten_kernel)
+        check_count("each of widths", width)
+    check_count("whiten_kernel", whiten_kernel)
     if isinstance(whiten_bias_epochs, bool) or not isinstance(whiten_bias_epochs, int) or whiten_bias_epochs < 0:
         raise ValueError(f"whiten_bias_epochs must be a whole number >= 0, not {whiten_bias_epochs!r}")
     if not 0 <= batchnorm_momentum < 1:
         raise ValueError(f"batchnorm_momentum is a weight in [0, 1), not {batchnorm_momentum!r}")
     if not scaling > 0:
         raise ValueError(f"scaling must be > 0, not {scaling!r}")
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"unknown activation {activation!r}: use one of {', '.join(ACTIVATIONS)}")
+    check_activation(activation, ACTIVATIONS)
     return WhiteningCNN(
         num_classes=num_classes,
         in_channels=in_channels,
@@ -169,7 +169,7 @@ class WhiteningCNN(nn.Module):
         self.whiten.bias.requires_grad_(whiten_bias_epochs > 0)
         if whiten_bias_epochs > 0:
             self.whiten.bias.register_post_accumulate_grad_hook(self._drop_frozen_bias_grad)
-        self.whiten_act = _activation(activation)
+        self.whiten_act = activation_layer(activation)
         channels = whiten_width
         groups = []
         for width in widths:
@@ -278,10 +278,10 @@ class ConvGroup(nn.Module):
         self.conv1 = _identity_conv(in_channels, out_channels)
         self.pool = nn.MaxPool2d(2)
         self.norm1 = _batch_norm(out_channels, batchnorm_momentum, norm_weight_trainable)
-        self.act1 = _activation(activation)
+        self.act1 = activation_layer(activation)
         self.conv2 = _identity_conv(out_channels, out_channels)
         self.norm2 = _batch_norm(out_channels, batchnorm_momentum, norm_weight_trainable)
-        self.act2 = _activation(activation)
+        self.act2 = activation_layer(activation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.act1(self.norm1(self.pool(self.conv1(x))))
@@ -323,19 +323,3 @@ def _batch_norm(channels: int, momentum: float, weight_trainable: bool) -> nn.Ba
     # shift trains. Frozen by requires_grad, so the optimizer never sees a grad.
     norm.weight.requires_grad_(weight_trainable)
     return norm
-
-
-def _activation(name: str) -> nn.Module:
-    if name == "gelu":
-        return nn.GELU()
-    if name == "relu":
-        return nn.ReLU(inplace=True)
-    if name == "silu":
-        return nn.SiLU(inplace=True)
-    raise ValueError(f"unknown activation {name!r}: use one of {', '.join(ACTIVATIONS)}")
-
-
-def _check_count(name: str, value: int) -> None:
-    # The recipe's schema checks this too; this serves Python callers.
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a whole number >= 1, not {value!r}")

@@ -29,6 +29,7 @@ from pydantic import Field
 from torch import nn
 
 from cnnreg.hookspecs import hookimpl
+from cnnreg_plugins._layers import activation_layer, check_activation, check_count
 
 Activation = Literal["relu", "leaky_relu", "elu", "gelu", "silu", "mish"]
 ACTIVATIONS: tuple[str, ...] = ("relu", "leaky_relu", "elu", "gelu", "silu", "mish")
@@ -97,7 +98,7 @@ def tutorial_cnn(
     _check_activation(activation, negative_slope)
     _check_probability("dropout2d", dropout2d)
     _check_probability("dropout", dropout)
-    _check_count("fc_width", fc_width)
+    check_count("fc_width", fc_width)
 
     blocks = []
     channels = in_channels
@@ -107,10 +108,10 @@ def tutorial_cnn(
                 OrderedDict(
                     conv1=nn.Conv2d(channels, width, 3, padding=1, bias=False),
                     bn1=nn.BatchNorm2d(width),
-                    act1=_activation(activation, negative_slope),
+                    act1=activation_layer(activation, negative_slope),
                     conv2=nn.Conv2d(width, width, 3, padding=1, bias=False),
                     bn2=nn.BatchNorm2d(width),
-                    act2=_activation(activation, negative_slope),
+                    act2=activation_layer(activation, negative_slope),
                     pool=nn.MaxPool2d(2),
                     drop=_dropout(dropout2d, nn.Dropout2d),
                 )
@@ -122,7 +123,7 @@ def tutorial_cnn(
         pooled=(4, 4),
         channels=channels,
         fc_width=fc_width,
-        activation=_activation(activation, negative_slope),
+        activation=activation_layer(activation, negative_slope),
         dropout=dropout,
         num_classes=num_classes,
     )
@@ -159,19 +160,19 @@ def simple_cnn(
         raise ValueError(f"simple_cnn's activation must be 'relu' or 'leaky_relu', not {activation!r}")
     _check_activation(activation, negative_slope)
     _check_probability("dropout", dropout)
-    _check_count("fc_width", fc_width)
+    check_count("fc_width", fc_width)
 
     blocks = []
     channels = in_channels
     for width in widths:
-        blocks.append(_conv_block(channels, width, batch_norm, _activation(activation, negative_slope)))
+        blocks.append(_conv_block(channels, width, batch_norm, activation_layer(activation, negative_slope)))
         channels = width
     return _network(
         blocks,
         pooled=(4, 4),
         channels=channels,
         fc_width=fc_width,
-        activation=_activation(activation, negative_slope),
+        activation=activation_layer(activation, negative_slope),
         dropout=dropout,
         num_classes=num_classes,
     )
@@ -247,7 +248,7 @@ def _mnist(
     _check_common(num_classes, in_channels)
     _check_widths(widths, 2, name)
     _check_probability("dropout", dropout)
-    _check_count("fc_width", fc_width)
+    check_count("fc_width", fc_width)
     blocks = []
     channels = in_channels
     for width in widths:
@@ -299,22 +300,6 @@ def _network(
     )
 
 
-def _activation(name: str, negative_slope: float) -> nn.Module:
-    if name == "relu":
-        return nn.ReLU(inplace=True)
-    if name == "leaky_relu":
-        return nn.LeakyReLU(negative_slope, inplace=True)
-    if name == "elu":
-        return nn.ELU(inplace=True)
-    if name == "gelu":
-        return nn.GELU()
-    if name == "silu":
-        return nn.SiLU(inplace=True)
-    if name == "mish":
-        return nn.Mish(inplace=True)
-    raise ValueError(f"unknown activation {name!r}: use one of {', '.join(ACTIVATIONS)}")
-
-
 def _dropout(p: float, kind: type[nn.Module]) -> nn.Module:
     # Identity, not Dropout(0): the default network is exactly the tutorial's,
     # and the state_dict keys are the same either way (dropout has no weights).
@@ -324,21 +309,16 @@ def _dropout(p: float, kind: type[nn.Module]) -> nn.Module:
 # -- option checks (the recipe's schema checks these too; these serve Python callers) --
 
 
-def _check_count(name: str, value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a whole number >= 1, not {value!r}")
-
-
 def _check_common(num_classes: int, in_channels: int) -> None:
-    _check_count("num_classes", num_classes)
-    _check_count("in_channels", in_channels)
+    check_count("num_classes", num_classes)
+    check_count("in_channels", in_channels)
 
 
 def _check_widths(widths: tuple[int, ...], length: int, model: str) -> None:
     if len(widths) != length:
         raise ValueError(f"widths must give {length} channel counts for {model}, not {len(widths)}: {list(widths)}")
     for width in widths:
-        _check_count("each of widths", width)
+        check_count("each of widths", width)
 
 
 def _check_probability(name: str, p: float) -> None:
@@ -347,7 +327,6 @@ def _check_probability(name: str, p: float) -> None:
 
 
 def _check_activation(name: str, negative_slope: float) -> None:
-    if name not in ACTIVATIONS:
-        raise ValueError(f"unknown activation {name!r}: use one of {', '.join(ACTIVATIONS)}")
+    check_activation(name, ACTIVATIONS)
     if negative_slope < 0:
         raise ValueError(f"negative_slope must be >= 0, not {negative_slope!r}")

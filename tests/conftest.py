@@ -8,10 +8,13 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import inspect
 import textwrap
+import typing
 from pathlib import Path
 from typing import Any
 
+import pydantic
 import pytest
 import torch
 
@@ -25,6 +28,13 @@ if os.environ.get("PYTEST_XDIST_WORKER") or (os.cpu_count() or 1) <= 2:
     # Two workers (or a busy machine) on two cores: one thread each, or they
     # fight over the cores (measured: single-thread fits ran 3.5x faster under load).
     torch.set_num_threads(1)
+
+
+def factory_schema(factory):
+    """The recipe schema the registry builds from a factory's signature."""
+    hints = typing.get_type_hints(factory, include_extras=True)
+    fields = {name: (hints[name], param.default) for name, param in inspect.signature(factory).parameters.items()}
+    return pydantic.create_model(factory.__name__, __config__=pydantic.ConfigDict(extra="forbid"), **fields)
 
 
 def tiny_recipe(tmp_path: Path, **changes: Any) -> dict[str, Any]:

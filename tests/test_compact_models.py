@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import inspect
-import typing
 
 import pydantic
 import pytest
@@ -18,7 +17,7 @@ from cnnreg.registry import build_catalog
 from cnnreg_plugins import compact_models
 from cnnreg_plugins.compact_models import WHITEN_EPS, whitening_cnn
 
-from conftest import tiny_recipe
+from conftest import factory_schema as schema, tiny_recipe
 
 SMALL = (8, 16, 16)  # widths that keep the tests fast; the defaults are checked where they matter
 
@@ -29,16 +28,6 @@ def conv(cin: int, cout: int, k: int = 3, bias: bool = False) -> int:
 
 def bn(channels: int) -> int:
     return 2 * channels  # weight and bias; running statistics are buffers
-
-
-def schema(factory):
-    """The recipe schema the registry builds from a factory's signature."""
-    hints = typing.get_type_hints(factory, include_extras=True)
-    fields = {
-        name: (hints[name], param.default)
-        for name, param in inspect.signature(factory).parameters.items()
-    }
-    return pydantic.create_model(factory.__name__, __config__=pydantic.ConfigDict(extra="forbid"), **fields)
 
 
 def smooth_images(n: int, channels: int, size: int, seed: int = 0) -> torch.Tensor:

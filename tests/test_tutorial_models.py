@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import inspect
-import typing
 
 import pydantic
 import pytest
@@ -12,6 +11,8 @@ from torch import nn
 
 from cnnreg_plugins import tutorial_models
 from cnnreg_plugins.tutorial_models import mnist_cnn, mnist_cnn_bn, simple_cnn, tutorial_cnn
+
+from conftest import factory_schema as schema
 
 FACTORIES = [tutorial_cnn, simple_cnn, mnist_cnn, mnist_cnn_bn]
 TUTORIAL_SIZE = {tutorial_cnn: 32, simple_cnn: 32, mnist_cnn: 28, mnist_cnn_bn: 28}
@@ -31,16 +32,6 @@ def linear(inputs: int, outputs: int) -> int:
 
 def count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
-
-
-def schema(factory):
-    """The recipe schema the registry builds from a factory's signature."""
-    hints = typing.get_type_hints(factory, include_extras=True)
-    fields = {
-        name: (hints[name], param.default)
-        for name, param in inspect.signature(factory).parameters.items()
-    }
-    return pydantic.create_model(factory.__name__, __config__=pydantic.ConfigDict(extra="forbid"), **fields)
 
 
 def test_the_plugin_registers_every_tutorial_model():
