@@ -86,6 +86,7 @@ def make_batches(
     prefetch_factor: int = 4,
     persistent_workers: bool = True,
     bad_images: Literal["skip", "fail"] = "skip",
+    fit: Literal["stretch", "crop"] = "stretch",
 ) -> Batches:
     """Batches of ``split`` for one rank, on ``device``.
 
@@ -113,6 +114,8 @@ def make_batches(
     :param persistent_workers: keep the workers between epochs.
     :param bad_images: file splits: ``"skip"`` leaves an unreadable file out of
         its batch (with a warning, listed in ``.skipped``); ``"fail"`` raises.
+    :param fit: file splits: how a file meets ``image_size`` (see
+        :func:`cnnreg.imagefiles.decode_image`).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, not {batch_size}")
@@ -136,7 +139,7 @@ def make_batches(
     return FileBatches(split, order=order, batch_size=batch_size, drop_last=drop_last, device=device,
                        image_size=image_size, channels=channels or 3, bad_images=bad_images,
                        num_workers=num_workers, prefetch_factor=prefetch_factor,
-                       persistent_workers=persistent_workers, seed=seed)
+                       persistent_workers=persistent_workers, seed=seed, fit=fit)
 
 
 def check_labels(labels: torch.Tensor, num_classes: int | None, name: str = "train") -> None:
@@ -172,16 +175,9 @@ class _Order:
     def __init__(self, n: int, *, shuffle: bool, seed: int, rank: int, world_size: int, drop_last: bool, even_shards: bool):
         self.n, self.shuffle, self.seed = n, shuffle, seed
         self.rank, self.world_size, self.drop_last, self.even = rank, world_size, drop_last, even_shards
-        if world_size == 1:
-            self.per_rank = n
-        elif drop_last:
-            self.per_rank = n // world_size
-            if self.per_rank == 0:
-                raise UserError(f"{n} samples cannot be shared among {world_size} ranks with drop_last")
-        elif even_shards:
-            self.per_rank = math.ceil(n / world_size)
-        else:
-            self.per_rank = len(range(rank, n, world_size))
+        self.per_rank = samples_per_rank(n, world_size, drop_last, even_shards, rank)
+        if world_size > 1 and drop_last and self.per_rank == 0:
+            raise UserError(f"{n} samples cannot be shared among {world_size} ranks with drop_last")
 
     @property
     def sequential(self) -> bool:
@@ -202,6 +198,23 @@ class _Order:
             total = self.per_rank * self.world_size
             perm = perm.repeat(math.ceil(total / self.n))[:total]  # wrap around, as DistributedSampler pads
         return perm[self.rank :: self.world_size]
+
+
+def samples_per_rank(n: int, world_size: int = 1, drop_last: bool = False, even_shards: bool = True,
+                     rank: int = 0) -> int:
+    """How many of ``n`` samples one rank visits per epoch."""
+    if world_size == 1:
+        return n
+    if drop_last:
+        return n // world_size
+    if even_shards:
+        return math.ceil(n / world_size)
+    return len(range(rank, n, world_size))
+
+
+def train_batches(n: int, batch_size: int, drop_last: bool, world_size: int = 1) -> int:
+    """Training batches per epoch for ``n`` samples: what ``len()`` of their :class:`Batches` is."""
+    return _batch_count(samples_per_rank(n, world_size, drop_last), batch_size, drop_last)
 
 
 def _batch_count(samples: int, batch_size: int, drop_last: bool) -> int:
@@ -296,17 +309,18 @@ class _Bad:
 class ImageFiles(Dataset):
     """Decodes one file per item to uint8 ``[C, H, W]`` (in a DataLoader worker)."""
 
-    def __init__(self, files: Sequence[Path], labels: torch.Tensor, *, image_size: tuple[int, int], channels: int):
+    def __init__(self, files: Sequence[Path], labels: torch.Tensor, *, image_size: tuple[int, int], channels: int,
+                 fit: str = "stretch"):
         self.files = [str(f) for f in files]
         self.labels = labels.to(torch.int64).tolist()
-        self.image_size, self.channels = tuple(image_size), channels
+        self.image_size, self.channels, self.fit = tuple(image_size), channels, fit
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, index: int):
         try:
-            array = decode_image(self.files[index], size=self.image_size, channels=self.channels)
+            array = decode_image(self.files[index], size=self.image_size, channels=self.channels, fit=self.fit)
         except BadImage as bad:
             return _Bad(bad.path, bad.reason)
         return torch.from_numpy(array).permute(2, 0, 1), self.labels[index], index
@@ -351,14 +365,14 @@ class FileBatches:
 
     def __init__(self, split: ImageSplit, *, order: _Order, batch_size: int, drop_last: bool, device: torch.device,
                  image_size: tuple[int, int], channels: int, bad_images: str, num_workers: int,
-                 prefetch_factor: int, persistent_workers: bool, seed: int):
+                 prefetch_factor: int, persistent_workers: bool, seed: int, fit: str = "stretch"):
         assert split.files is not None
         self.split, self.batch_size = split, batch_size
         self.device, self.bad_images, self.drop_last = device, bad_images, drop_last
         self.sampler = _EpochSampler(order)
         workers = max(0, int(num_workers))
         self.loader = DataLoader(
-            ImageFiles(split.files, split.labels, image_size=image_size, channels=channels),
+            ImageFiles(split.files, split.labels, image_size=image_size, channels=channels, fit=fit),
             batch_size=batch_size,
             sampler=self.sampler,
             drop_last=drop_last,

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import Callable, Literal, Mapping, TypeVar
 
 import torch
 
 F = TypeVar("F", bound=Callable[..., object])
+
+#: How an image of another size is brought to the stored size.
+Fit = Literal["stretch", "crop"]
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,10 @@ class DataSource:
     :param mean: per-channel mean in [0, 1], for ``normalize`` defaults.
     :param std: per-channel standard deviation in [0, 1].
     :param skipped: ``(path, reason)`` of every file left out as unreadable.
+    :param fit: how files (file splits, and a prediction's images) are
+        brought to ``image_size``: ``"stretch"`` resizes to it exactly,
+        ``"crop"`` resizes to cover it and cuts the centre (the aspect
+        ratio kept, as a pretrained model's evaluation resize and crop do).
     """
 
     train: ImageSplit
@@ -79,6 +86,7 @@ class DataSource:
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
     skipped: tuple[tuple[str, str], ...] = field(default=())
+    fit: Fit = "stretch"
 
     @property
     def num_classes(self) -> int:
@@ -135,6 +143,18 @@ class DatasetInfo:
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
     splits: tuple[str, ...] = ("train", "test")
+    #: the images differ in size; ``image_size`` is then their median
+    #: (height and width apart), and the engine chooses the size to store them at
+    mixed_sizes: bool = False
+    #: images per split, when known without loading (steps per epoch follow from it)
+    split_sizes: Mapping[str, int] | None = None
+    #: what could not be checked without loading, or because something is absent
+    unchecked: tuple[str, ...] = ()
+    #: what the run will warn about (unreadable files it will skip, ...)
+    warnings: tuple[str, ...] = ()
+    #: ``(parameter, folder)`` of each folder whose whole tree becomes data:
+    #: the run's output must not go inside one
+    scanned: tuple[tuple[str, Path], ...] = ()
 
     @property
     def num_classes(self) -> int:

@@ -7,6 +7,9 @@ share these pieces:
   torchvision's ``ImageFolder`` does (sorted class names, torchvision's
   ``IMG_EXTENSIONS``, case-insensitive), except that hidden folders and files
   (``.ipynb_checkpoints``, ``._photo.jpg`` from macOS) are left out.
+* :func:`probe_files` reads every file's header (size, colour) in worker
+  processes, and finds the files that would fail to decode (cut short,
+  empty, not images) without decoding the sound ones.
 * :func:`decode_image` turns one file into a uint8 ``[H, W, C]`` array with
   Pillow, whatever its mode (palette, alpha, CMYK, 16-bit, bilevel); a file
   Pillow cannot read raises :class:`BadImage` with the reason.
@@ -28,19 +31,21 @@ import warnings
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Iterator, Literal, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from cnnreg import preparation
 from cnnreg.errors import UserError
 
 BadImagePolicy = Literal["skip", "fail"]
+Fit = Literal["stretch", "crop"]
 
 #: Bump when the cached layout or the decoding changes, so old caches miss.
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 
 # Modes that carry no colour: decoded to one channel ("L") when the dataset's
 # channels are chosen automatically.
@@ -70,6 +75,8 @@ class FolderListing:
         class, each class's files sorted.
     :param labels: int64 ``[N]``, the class index of each file.
     :param empty_classes: class folders without a single image file.
+    :param run_dirs: folders inside that hold a cnnreg run (``run.json`` and
+        ``recipe.json``): a run's plots would be read as images of a class.
     """
 
     folder: Path
@@ -77,6 +84,7 @@ class FolderListing:
     files: tuple[str, ...]
     labels: torch.Tensor
     empty_classes: tuple[str, ...]
+    run_dirs: tuple[str, ...] = ()
 
 
 def is_image_file(name: str) -> bool:
@@ -99,27 +107,37 @@ def list_class_folders(folder: Path) -> FolderListing:
     files: list[str] = []
     labels: list[int] = []
     empty: list[str] = []
-    for index, name in enumerate(classes):
-        found = _walk_images(os.path.join(folder, name))
-        if not found:
-            empty.append(name)
-        files.extend(found)
-        labels.extend([index] * len(found))
+    run_dirs: list[str] = []
+    with preparation.step(f"listing {folder}", total=len(classes), unit="class folders") as advance:
+        for index, name in enumerate(classes):
+            found = _walk_images(os.path.join(folder, name), run_dirs)
+            if not found:
+                empty.append(name)
+            files.extend(found)
+            labels.extend([index] * len(found))
+            advance(1)
     return FolderListing(
         folder=folder,
         classes=tuple(classes),
         files=tuple(files),
         labels=torch.tensor(labels, dtype=torch.int64),
         empty_classes=tuple(empty),
+        run_dirs=tuple(sorted(run_dirs)),
     )
 
 
-def _walk_images(folder: str) -> list[str]:
-    """Image files under ``folder``, sorted; links are followed, like torchvision's make_dataset."""
+_RUN_FILES = {"run.json", "recipe.json"}  # what every cnnreg run directory holds
+
+
+def _walk_images(folder: str, run_dirs: list[str]) -> list[str]:
+    """Image files under ``folder``, sorted; links are followed, like
+    torchvision's make_dataset. Folders that hold a cnnreg run join ``run_dirs``."""
     found: list[str] = []
     pending = [folder]
     while pending:
-        with os.scandir(pending.pop()) as entries:
+        here = pending.pop()
+        names = set()
+        with os.scandir(here) as entries:
             for entry in entries:
                 if entry.name.startswith("."):
                     continue
@@ -127,6 +145,10 @@ def _walk_images(folder: str) -> list[str]:
                     pending.append(entry.path)
                 elif is_image_file(entry.name):
                     found.append(entry.path)
+                else:
+                    names.add(entry.name)
+        if _RUN_FILES <= names:
+            run_dirs.append(here)
     found.sort()
     return found
 
@@ -137,16 +159,95 @@ def _walk_images(folder: str) -> list[str]:
 def image_header(path: Path | str) -> tuple[tuple[int, int], bool]:
     """``((height, width), is_gray)`` read from the file's header only (cheap).
 
-    :raises BadImage: when Pillow does not recognise the file.
+    :raises BadImage: when Pillow does not recognise the file, or when it
+        would fail to decode: a JPEG or PNG whose end marker is missing
+        (cut short) is decoded to be sure, as is every other format.
     """
     try:
         with Image.open(path) as im:
             width, height = im.size
             if _exif_rotated(im):
                 width, height = height, width
-            return (height, width), _is_gray(im)
+            gray = _is_gray(im)
+            if not _ends_whole(im):
+                im.load()  # raises for a file cut short
+            return (height, width), gray
     except Exception as e:  # noqa: BLE001 - any failure of a third-party file is "bad image"
         raise BadImage(path, _reason(e)) from None
+
+
+# The last bytes of a whole file: JPEG's end-of-image marker (which the
+# entropy-coded data cannot contain: a 0xFF there is followed by 0x00 or a
+# restart marker), PNG's IEND chunk. A file without it is decoded to see.
+_END_MARKERS = {"JPEG": b"\xff\xd9", "MPO": b"\xff\xd9", "PNG": b"IEND\xaeB`\x82"}
+_TAIL = 4096  # bytes searched: some writers pad after the marker
+
+
+def _ends_whole(im: Image.Image) -> bool:
+    marker = _END_MARKERS.get(im.format or "")
+    if marker is None or im.fp is None:
+        return False
+    im.fp.seek(0, os.SEEK_END)
+    size = im.fp.tell()
+    im.fp.seek(max(0, size - _TAIL))
+    found = marker in im.fp.read(_TAIL)
+    im.fp.seek(0)
+    return found
+
+
+@dataclass(frozen=True)
+class Headers:
+    """What the headers of a list of files say, in the list's order.
+
+    :param sizes: int64 ``[N, 2]``, each file's (height, width), upright; -1 for a bad file.
+    :param gray: bool ``[N]``, whether the file has no colour.
+    :param bad: ``(index, path, reason)`` of each file that cannot be decoded.
+    """
+
+    sizes: torch.Tensor
+    gray: torch.Tensor
+    bad: tuple[tuple[int, str, str], ...]
+
+    @property
+    def good(self) -> torch.Tensor:
+        """bool ``[N]``: the files that decode."""
+        return self.sizes[:, 0] >= 0
+
+
+def probe_files(files: Sequence[str | Path], *, workers: int | None = None, chunk_size: int = 512,
+                description: str = "reading image headers") -> Headers:
+    """Read the header of every file, in worker processes, with progress.
+
+    About 40 us a file on one core (CIFAR-sized JPEGs): 100,000 files take
+    seconds, so every file is read rather than a sample, and a size that
+    differs or a file cut short is found before anything is decoded.
+    """
+    files = tuple(str(f) for f in files)
+    jobs = [files[i : i + chunk_size] for i in range(0, len(files), chunk_size)]
+    sizes = torch.full((len(files), 2), -1, dtype=torch.int64)
+    gray = torch.zeros(len(files), dtype=torch.bool)
+    bad: list[tuple[int, str, str]] = []
+    index = 0
+    with preparation.step(description, total=len(files)) as advance:
+        for job, results in zip(jobs, _map(_probe_chunk, jobs, workers)):
+            for path, result in zip(job, results):
+                if isinstance(result, str):
+                    bad.append((index, path, result))
+                else:
+                    (sizes[index, 0], sizes[index, 1]), gray[index] = result
+                index += 1
+            advance(len(job))
+    return Headers(sizes, gray, tuple(bad))
+
+
+def _probe_chunk(paths: tuple[str, ...]) -> list[tuple[tuple[int, int], bool] | str]:
+    results: list[tuple[tuple[int, int], bool] | str] = []
+    for path in paths:
+        try:
+            results.append(image_header(path))
+        except BadImage as bad:
+            results.append(bad.reason)
+    return results
 
 
 def decode_image(
@@ -154,6 +255,7 @@ def decode_image(
     *,
     size: tuple[int, int] | None = None,
     channels: int | None = None,
+    fit: Fit = "stretch",
 ) -> np.ndarray:
     """Decode one image file to uint8 ``[H, W, C]``.
 
@@ -161,6 +263,10 @@ def decode_image(
         ``None`` to keep the file's own size.
     :param channels: 1 (ITU-R 601-2 luma, like Pillow's "L"), 3 (RGB), or
         ``None``: 1 for images without colour, else 3.
+    :param fit: "stretch" resizes to ``size`` exactly (torchvision's
+        ``Resize((h, w))``); "crop" keeps the aspect ratio, resizing to cover
+        ``size`` and cutting the centre (``Resize(short side)`` then
+        ``CenterCrop``, as pretrained models' evaluation transforms do).
     :raises BadImage: unreadable, truncated, empty or not an image at all.
     """
     try:
@@ -175,12 +281,14 @@ def decode_image(
                 want = (size[0], size[1]) if orientation in (5, 6, 7, 8) else (size[1], size[0])
                 im.draft(im.mode, want)
             im.load()  # decode now, so truncated files fail here
-            if orientation not in (0, 1):  # (exif_transpose copies even an upright image)
-                im = ImageOps.exif_transpose(im)
+            if orientation in _UPRIGHT:  # (exif_transpose copies even an upright image)
+                im = im.transpose(_UPRIGHT[orientation])
             im = _to_mode(im, channels)
             if size is not None and im.size != (size[1], size[0]):
-                # Stretched to the size, as torchvision's Resize((h, w)) does.
-                im = im.resize((size[1], size[0]), Image.Resampling.BILINEAR)
+                if fit == "crop":
+                    im = _cover_and_crop(im, size)
+                else:  # stretched, as torchvision's Resize((h, w)) does
+                    im = im.resize((size[1], size[0]), Image.Resampling.BILINEAR)
             array = np.array(im, dtype=np.uint8)  # a writable copy: torch.from_numpy warns on read-only ones
     except Exception as e:  # noqa: BLE001 - see image_header
         raise BadImage(path, _reason(e)) from None
@@ -191,21 +299,59 @@ def decode_image(
     return array
 
 
+def _cover_and_crop(im: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """Resize keeping the aspect ratio until ``(height, width)`` is covered, then cut the centre.
+
+    The box is cut from the source before resampling (Pillow's ``box``), so
+    only the kept part is resampled; the centre follows torchvision's
+    ``center_crop`` rounding.
+    """
+    height, width = size
+    scale = max(height / im.height, width / im.width)
+    box_w, box_h = min(im.width, width / scale), min(im.height, height / scale)  # min: float rounding
+    left, top = max(0.0, (im.width - box_w) / 2), max(0.0, (im.height - box_h) / 2)
+    return im.resize((width, height), Image.Resampling.BILINEAR, box=(left, top, left + box_w, top + box_h))
+
+
 def _is_gray(im: Image.Image) -> bool:
     if im.mode in _GRAY_MODES:
         return True
     if im.mode in ("P", "PA"):
-        palette = im.getpalette() or []
+        header = im.palette  # as read from the header: getpalette() would decode the pixels first
+        if header is not None and header.mode == "RGB" and getattr(header, "rawmode", None) in (None, "RGB") \
+                and isinstance(header.palette, (bytes, bytearray)):
+            palette = list(header.palette)
+        else:
+            palette = im.getpalette() or []
         rgb = np.asarray(palette[: len(palette) // 3 * 3]).reshape(-1, 3)
         return bool((rgb[:, 0] == rgb[:, 1]).all() and (rgb[:, 1] == rgb[:, 2]).all())
     return False
 
 
 def _exif_orientation(im: Image.Image) -> int:
+    """The EXIF orientation (1 upright), read from the header only.
+
+    Pillow's ``getexif()`` decodes a whole PNG to look for an eXIf chunk
+    after the pixels; here a PNG's orientation is the one in its header (as
+    good as always where there is one), so probing and decoding agree.
+    """
     try:
+        if im.format == "PNG":
+            data = im.info.get("exif")
+            if not data:
+                return 1
+            exif = Image.Exif()
+            exif.load(data)
+            return int(exif.get(0x0112, 1))
         return int(im.getexif().get(0x0112, 1))
     except Exception:  # noqa: BLE001 - broken EXIF: use the image as stored
         return 1
+
+
+# Pillow's exif_transpose, by orientation.
+_UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+            5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+            8: Image.Transpose.ROTATE_90}
 
 
 def _exif_rotated(im: Image.Image) -> bool:
@@ -272,8 +418,10 @@ def decode_all(
     bad_images: BadImagePolicy = "skip",
     workers: int | None = None,
     chunk_size: int = 256,
+    fit: Fit = "stretch",
+    description: str = "decoding images",
 ) -> DecodedImages:
-    """Decode ``files`` into one uint8 ``[K, C, H, W]`` tensor, in parallel.
+    """Decode ``files`` into one uint8 ``[K, C, H, W]`` tensor, in parallel, with progress.
 
     Chunks of files are decoded in worker processes (the per-image Python
     work around Pillow holds the GIL: on CIFAR-sized JPEGs threads were
@@ -288,42 +436,51 @@ def decode_all(
         :attr:`DecodedImages.skipped`); ``"fail"`` raises at the first one.
     :param workers: processes; ``None`` uses every core. Small lists are
         decoded in this process.
+    :param fit: how an image of another size meets ``size`` (see :func:`decode_image`).
     :raises UserError: a bad file with ``"fail"``, sizes that differ with
         ``size=None``, or no readable image at all.
     """
-    files = tuple(files)
-    workers = default_workers() if workers is None else workers
-    chunks = [files[i : i + chunk_size] for i in range(0, len(files), chunk_size)]
+    files = tuple(str(f) for f in files)
     out = _Assembler(len(files), bad_images=bad_images)
-    jobs = [(tuple(str(f) for f in chunk), size, channels) for chunk in chunks]
-    if workers <= 1 or len(chunks) <= 1:
-        for job in jobs:
-            out.add(job[0], _decode_chunk(job))
-    else:
-        # fork starts workers in milliseconds and does not re-import the
-        # caller's __main__; the workers run only Pillow and numpy (no torch,
-        # no CUDA). Python >= 3.12 warns about fork() in a process with
-        # threads (torch's pools): the children never touch their locks.
-        methods = multiprocessing.get_all_start_methods()
-        context = multiprocessing.get_context("fork" if "fork" in methods else None)
-        with warnings.catch_warnings(), ProcessPoolExecutor(min(workers, len(chunks)), mp_context=context) as pool:
-            warnings.filterwarnings("ignore", message=r".*use of fork\(\) may lead to deadlocks", category=DeprecationWarning)
-            try:
-                for job, results in zip(jobs, pool.map(_decode_chunk, jobs)):
-                    out.add(job[0], results)
-            except BaseException:
-                pool.shutdown(wait=True, cancel_futures=True)
-                raise
+    jobs = [(files[i : i + chunk_size], size, channels, fit) for i in range(0, len(files), chunk_size)]
+    with preparation.step(description, total=len(files)) as advance:
+        for job, results in zip(jobs, _map(_decode_chunk, jobs, workers)):
+            out.add(job[0], results)
+            advance(len(job[0]))
     return out.finish()
 
 
-def _decode_chunk(job: tuple[tuple[str, ...], tuple[int, int] | None, int | None]) -> list[np.ndarray | str]:
+def _map(function, jobs: list, workers: int | None) -> Iterator:
+    """``function`` over ``jobs`` in worker processes, results in order.
+
+    One job, or one worker, runs in this process. fork starts workers in
+    milliseconds and does not re-import the caller's __main__; the workers
+    run only Pillow and numpy (no torch, no CUDA). Python >= 3.12 warns
+    about fork() in a process with threads (torch's pools): the children
+    never touch their locks.
+    """
+    workers = default_workers() if workers is None else workers
+    if workers <= 1 or len(jobs) <= 1:
+        yield from map(function, jobs)
+        return
+    methods = multiprocessing.get_all_start_methods()
+    context = multiprocessing.get_context("fork" if "fork" in methods else None)
+    with warnings.catch_warnings(), ProcessPoolExecutor(min(workers, len(jobs)), mp_context=context) as pool:
+        warnings.filterwarnings("ignore", message=r".*use of fork\(\) may lead to deadlocks", category=DeprecationWarning)
+        try:
+            yield from pool.map(function, jobs)
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+
+
+def _decode_chunk(job: tuple[tuple[str, ...], tuple[int, int] | None, int | None, Fit]) -> list[np.ndarray | str]:
     """Decode one chunk (in a worker): an array per file, or the reason it failed."""
-    paths, size, channels = job
+    paths, size, channels, fit = job
     results: list[np.ndarray | str] = []
     for path in paths:
         try:
-            results.append(decode_image(path, size=size, channels=channels))
+            results.append(decode_image(path, size=size, channels=channels, fit=fit))
         except BadImage as bad:
             results.append(bad.reason)
     return results
@@ -393,17 +550,15 @@ def default_cache_dir() -> Path:
     return Path(base) / "cnnreg"
 
 
-def cache_key(listing: FolderListing, *, size, channels) -> str:
-    """A digest of what the decoded tensor depends on.
+def files_digest(listing: FolderListing) -> str:
+    """A digest of a listing's files: their paths relative to the folder, sizes
+    and modification times, and the class names.
 
-    The files' paths relative to the folder, their sizes and modification
-    times, the class names and the decode options: an edited, added, removed
-    or renamed file, or other options, give another key. The folder's own
-    location is not part of it, so a moved copy still hits.
+    An edited, added, removed or renamed file gives another digest; the
+    folder's own location is not part of it, so a moved copy still hits.
+    Costs one ``stat`` a file (about 2.5 us).
     """
-    digest = hashlib.sha256()
-    header = {"format": CACHE_FORMAT, "classes": listing.classes, "size": size, "channels": channels}
-    digest.update(json.dumps(header, sort_keys=True).encode())
+    digest = hashlib.sha256(json.dumps({"classes": listing.classes}).encode())
     prefix = len(str(listing.folder)) + 1
     for path in listing.files:
         st = os.stat(path)
@@ -411,8 +566,23 @@ def cache_key(listing: FolderListing, *, size, channels) -> str:
     return digest.hexdigest()
 
 
+def cache_key(listing: FolderListing, *, size, channels, fit: Fit = "stretch", files: str | None = None) -> str:
+    """A digest of what the decoded tensor depends on: the files (see
+    :func:`files_digest`, or give it as ``files``) and the decode options."""
+    header = {"format": CACHE_FORMAT, "size": size, "channels": channels, "fit": fit,
+              "files": files or files_digest(listing)}
+    return hashlib.sha256(json.dumps(header, sort_keys=True).encode()).hexdigest()
+
+
 def save_cached(path: Path, decoded: DecodedImages, folder: Path) -> None:
-    """Write ``decoded`` to ``path`` atomically: temp file, fsync, rename.
+    """Write ``decoded`` to ``path`` atomically (see :func:`save_atomically`)."""
+    skipped = [[Path(p).relative_to(folder).as_posix(), reason] for p, reason in decoded.skipped]
+    save_atomically(path, {"images": decoded.images.contiguous(), "kept": decoded.kept},
+                    {"skipped": json.dumps(skipped), "format": str(CACHE_FORMAT)})
+
+
+def save_atomically(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Write a safetensors file atomically: temp file, fsync, rename.
 
     A reader never sees a half-written file: it sees the old one, or none,
     or the whole new one.
@@ -420,15 +590,10 @@ def save_cached(path: Path, decoded: DecodedImages, folder: Path) -> None:
     from safetensors.torch import save_file
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    skipped = [[Path(p).relative_to(folder).as_posix(), reason] for p, reason in decoded.skipped]
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".safetensors")
     os.close(fd)
     try:
-        save_file(
-            {"images": decoded.images.contiguous(), "kept": decoded.kept},
-            tmp,
-            metadata={"skipped": json.dumps(skipped), "format": str(CACHE_FORMAT)},
-        )
+        save_file(tensors, tmp, metadata=metadata)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -436,6 +601,48 @@ def save_cached(path: Path, decoded: DecodedImages, folder: Path) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+def probe_listing(listing: FolderListing, *, cache_dir: Path | None, files: str | None = None) -> Headers:
+    """:func:`probe_files` of a listing, through the cache when ``cache_dir`` is set.
+
+    The headers are kept beside the decoded images, keyed by the files
+    alone (:func:`files_digest`): a second run reads no file of an unchanged folder.
+    """
+    path = None
+    if cache_dir is not None:
+        path = Path(cache_dir) / "imagefolder" / f"headers-{files or files_digest(listing)}.safetensors"
+        cached = _load_headers(path, listing)
+        if cached is not None:
+            return cached
+    headers = probe_files(listing.files, description=f"reading the image headers of {listing.folder.name}")
+    if path is not None:
+        bad = [[i, Path(p).relative_to(listing.folder).as_posix(), reason] for i, p, reason in headers.bad]
+        try:
+            save_atomically(path, {"sizes": headers.sizes, "gray": headers.gray},
+                            {"bad": json.dumps(bad), "format": str(CACHE_FORMAT)})
+        except OSError as e:  # a read-only or full disk costs time, not the run
+            warnings.warn(f"could not write the image cache {path}: {e}", stacklevel=2)
+    return headers
+
+
+def _load_headers(path: Path, listing: FolderListing) -> Headers | None:
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+        tensors = load_file(str(path))
+        sizes, gray = tensors["sizes"], tensors["gray"]
+        bad = tuple((int(i), str(listing.folder / p), str(reason)) for i, p, reason in json.loads(metadata["bad"]))
+        if sizes.shape != (len(listing.files), 2) or gray.shape != (len(listing.files),):
+            return None
+        return Headers(sizes.to(torch.int64), gray.to(torch.bool), bad)
+    except (SafetensorError, OSError, KeyError, ValueError, TypeError):
+        return None  # a damaged file is probed again and overwritten
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -479,24 +686,56 @@ def decode_cached(
     bad_images: BadImagePolicy = "skip",
     cache_dir: Path | None,
     workers: int | None = None,
+    fit: Fit = "stretch",
+    known_bad: Sequence[tuple[int, str, str]] = (),
+    files: str | None = None,
 ) -> tuple[DecodedImages, bool]:
     """Decode the listing's files, through the cache when ``cache_dir`` is set.
 
+    :param known_bad: ``(index, path, reason)`` of files already known not to
+        decode (from :func:`probe_files`): they are not tried again.
+    :param files: the listing's :func:`files_digest`, when already computed.
     :returns: the decoded images and whether they came from the cache.
     """
     path = None
     if cache_dir is not None:
-        key = cache_key(listing, size=size, channels=channels)
+        key = cache_key(listing, size=size, channels=channels, fit=fit, files=files)
         path = Path(cache_dir) / "imagefolder" / f"{key}.safetensors"
         cached = load_cached(path, listing.folder)
         if cached is not None and (bad_images == "skip" or not cached.skipped):
+            preparation.note(f"image cache: read {len(cached.images):,} images of {listing.folder} "
+                             f"({preparation.size_text(path.stat().st_size)}) from {path}")
             return cached, True
-    decoded = decode_all(
-        listing.files, size=size, channels=channels, bad_images=bad_images, workers=workers
-    )
+    decoded = _decode_known_good(listing, size, channels, bad_images, workers, fit, known_bad)
     if path is not None:
         try:
-            save_cached(path, decoded, listing.folder)
+            with preparation.step(f"writing the image cache of {listing.folder.name}", unit=""):
+                save_cached(path, decoded, listing.folder)
+            preparation.note(f"image cache: wrote {len(decoded.images):,} images of {listing.folder} "
+                             f"({preparation.size_text(path.stat().st_size)}) to {path}; "
+                             "the next run with the same files and options reads them from there")
         except OSError as e:  # a read-only or full disk costs speed, not the run
             warnings.warn(f"could not write the image cache {path}: {e}", stacklevel=2)
     return decoded, False
+
+
+def _decode_known_good(listing, size, channels, bad_images, workers, fit, known_bad) -> DecodedImages:
+    """Decode the files not already known to be bad; the known ones join ``skipped`` in order."""
+    bad = {index: (path, reason) for index, path, reason in known_bad}
+    if bad and bad_images == "fail":
+        path, reason = bad[min(bad)]
+        raise UserError(f"cannot read image {path}: {reason}; remove or replace the file, "
+                        'or set "bad_images": "skip" to leave such files out')
+    good = [i for i in range(len(listing.files)) if i not in bad]
+    if not good:
+        path, reason = bad[min(bad)]
+        raise UserError(f"none of the {len(bad)} image files under {listing.folder} can be read "
+                        f"(first: {path}: {reason})")
+    decoded = decode_all([listing.files[i] for i in good], size=size, channels=channels, bad_images=bad_images,
+                         workers=workers, fit=fit, description=f"decoding the images of {listing.folder.name}")
+    if not bad:
+        return decoded
+    kept = torch.tensor(good, dtype=torch.int64)[decoded.kept] if len(decoded.kept) else decoded.kept
+    skipped = sorted([*((listing.files.index(p), p, r) for p, r in decoded.skipped),
+                      *((i, p, r) for i, (p, r) in bad.items())])
+    return DecodedImages(images=decoded.images, kept=kept, skipped=tuple((p, r) for _, p, r in skipped))

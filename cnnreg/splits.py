@@ -170,6 +170,7 @@ def channel_stats(
     size: tuple[int, int] | None = None,
     sample: int = 4096,
     seed: int = 0,
+    fit: str = "stretch",
 ) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel mean and standard deviation of the pixels, in [0, 1].
 
@@ -181,9 +182,10 @@ def channel_stats(
 
     :param channels: convert to 1 or 3 channels first (files: ``None`` means 3).
     :param size: ``(height, width)`` to decode files at.
+    :param fit: how files meet ``size`` (see :func:`cnnreg.imagefiles.decode_image`).
     """
     histogram = None
-    for chunk in _stat_chunks(split, channels=channels, size=size, sample=sample, seed=seed):
+    for chunk in _stat_chunks(split, channels=channels, size=size, sample=sample, seed=seed, fit=fit):
         counts = torch.stack([torch.bincount(chunk[:, c].reshape(-1), minlength=256) for c in range(chunk.shape[1])])
         histogram = counts if histogram is None else histogram + counts
     if histogram is None:
@@ -195,7 +197,8 @@ def channel_stats(
     return tuple(round(v, 4) for v in mean.tolist()), tuple(round(v, 4) for v in std.tolist())
 
 
-def _stat_chunks(split: ImageSplit, *, channels: int | None, size: tuple[int, int] | None, sample: int, seed: int):
+def _stat_chunks(split: ImageSplit, *, channels: int | None, size: tuple[int, int] | None, sample: int, seed: int,
+                 fit: str):
     if split.images is not None:
         images = split.images
         if len(images) > sample:
@@ -210,7 +213,7 @@ def _stat_chunks(split: ImageSplit, *, channels: int | None, size: tuple[int, in
     pick = torch.randperm(len(files), generator=_generator(seed))[: min(sample, 256)].sort().values.tolist()
     for i in pick:
         try:
-            array = decode_image(files[i], size=size, channels=channels or 3)
+            array = decode_image(files[i], size=size, channels=channels or 3, fit=fit)
         except BadImage:
             continue
         yield torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0)
