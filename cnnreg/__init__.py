@@ -44,14 +44,16 @@ _LAZY = {
 }
 
 
-def validate(source: Any, **kwargs: Any) -> str:
-    """Load a recipe (a path or a dict) and dry-run it on the CPU; return a one-line report.
+def validate(source: Any, *, strict: bool = False, **kwargs: Any) -> Any:
+    """Load a recipe (a path or a dict) and check it as ``run`` assembles it, on the CPU.
 
+    :returns: a :class:`cnnreg.validation.Validation`: a one-line summary, the
+        defaults the run will choose, what could not be checked here, warnings.
     :raises RecipeError: with every problem found, located in the file.
     """
-    from cnnreg.validate import dry_run_recipe
+    from cnnreg.validation import validate_recipe
 
-    return dry_run_recipe(load_recipe(source, **kwargs))
+    return validate_recipe(load_recipe(source, **kwargs), strict=strict)
 
 
 def __getattr__(name: str) -> Any:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -48,6 +49,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     err = Console(stderr=True, highlight=False, soft_wrap=True)
+    previous = warnings.showwarning
+    warnings.showwarning = _warning_printer(err)
     try:
         return int(args.func(args) or 0)
     except RecipeError as exc:
@@ -74,6 +77,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             err.print(_escape(str(exc)))
             return exc.exit_code
         raise
+    finally:
+        warnings.showwarning = previous
+
+
+def _warning_printer(err: Console) -> Callable[..., None]:
+    """Warnings as one ``warning: ...`` line each, without the source line Python would quote."""
+
+    def show(message: Warning | str, category: type[Warning], filename: str, lineno: int, file: Any = None,
+             line: str | None = None) -> None:
+        err.print(f"[yellow]warning[/]: {_escape(str(message))}")
+
+    return show
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -111,9 +126,11 @@ def make_parser() -> argparse.ArgumentParser:
     p = command("runs", cmd_runs, "list run directories: progress, best metric, why they stopped")
     p.add_argument("dir", nargs="?", type=Path, default=Path("runs"), help="folder holding runs (default ./runs)")
 
-    p = command("validate", cmd_validate, "check recipes and dry-run them on the CPU")
+    p = command("validate", cmd_validate, "check recipes as `run` assembles them, on the CPU, without training")
     p.add_argument("recipes", nargs="+", type=Path)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides")
+    p.add_argument("--strict", action="store_true",
+                   help="what is absent here (data, weights) is an error, not a 'not checked' note")
 
     p = command("ls", cmd_ls, "list registered components")
     p.add_argument("kind", nargs="?", help="models, datasets, transforms, losses, optimizers, schedulers, metrics, callbacks")
@@ -196,20 +213,26 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     from cnnreg.recipe import load_recipe
-    from cnnreg.validate import dry_run_recipe
+    from cnnreg.validation import validate_recipe
 
     problems: list[Any] = []
     console = Console(highlight=False, soft_wrap=True)
     for path in args.recipes:
         try:
             recipe = load_recipe(path, disable=args.disable, overrides=parse_overrides(args.overrides))
-            report = dry_run_recipe(recipe)
+            result = validate_recipe(recipe, strict=args.strict)
         except RecipeError as exc:
             problems.extend(exc.problems)
             continue
         except UserError as exc:
             raise UserError(f"{path}: {exc}") from None
-        console.print(f"[green]ok[/] {_escape(str(path))}: {_escape(report)}")
+        console.print(f"[green]ok[/] {_escape(str(path))}: {_escape(result.summary)}")
+        for choice in result.choices:
+            console.print(f"  chosen {_escape(str(choice))}")
+        for unchecked in result.unchecked:
+            console.print(f"  [yellow]not checked[/]: {_escape(str(unchecked))}; --strict makes this an error")
+        for text in result.warnings:
+            warnings.warn(text, stacklevel=1)  # as the run warns: one "warning:" line on stderr
     if problems:
         raise RecipeError(problems)
     return 0

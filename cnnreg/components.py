@@ -7,13 +7,14 @@ the plugin and distribution that registered it, and no traceback.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Mapping
 
 import torch
 from pydantic import BaseModel
 
 from cnnreg.data import DataContext, DataSource
-from cnnreg.errors import JsonPath, RecipeError, UserError
+from cnnreg.errors import JsonPath, Problem, RecipeError, Unavailable, Unchecked, UserError
 from cnnreg.recipe import DataOptions, RecipeBase
 from cnnreg.records import Metric, Schedule
 from cnnreg.registry import ARTICLES, INJECTED_PARAMS, Component
@@ -39,6 +40,8 @@ def instantiate(
     context: Mapping[str, Any] | None = None,
     data_context: DataContext | None = None,
     live: Any = None,
+    unchecked: list[Unchecked] | None = None,
+    absent_ok: bool = False,
 ) -> Any:
     """Call the factory ``spec`` names with its recipe parameters.
 
@@ -51,6 +54,12 @@ def instantiate(
     :param data_context: passed to a parameter annotated ``DataContext``.
     :param live: the live object injected into optimizers (params) and
         schedulers (optimizer).
+    :param unchecked: given (by ``cnnreg validate``), a factory that raises
+        :class:`~cnnreg.errors.Unavailable` with ``retry_with`` is not an
+        error: it joins this list and the factory is called again with those
+        parameters.
+    :param absent_ok: raise :class:`~cnnreg.errors.Unavailable` (also for a
+        ``FileNotFoundError``) for the caller to handle, instead of a recipe error.
     """
     component = recipe.component(kind, spec)
     kwargs = component_kwargs(component, spec, context or {})
@@ -60,18 +69,41 @@ def instantiate(
     context_param = component.context_param()
     if context_param is not None:
         kwargs[context_param] = data_context
+    problem = functools.partial(recipe.problem, path)
     try:
-        result = component.factory(**kwargs)
-    except (UserError, ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as exc:
-        raise RecipeError([recipe.problem(path, f"{spec.name}: {_message(exc)}")]) from None  # type: ignore[attr-defined]
-    except Exception as exc:
-        raise RecipeError([recipe.problem(path, f"{spec.name!r} ({_by(component)}) failed: "  # type: ignore[attr-defined]
-                                          f"{type(exc).__name__}: {_message(exc)}")]) from None
+        result = _call(component, spec, kwargs, problem, absent_ok)
+    except Unavailable as exc:
+        if unchecked is not None and exc.retry_with is not None:
+            shown = ", ".join(f"{k}={v!r}" for k, v in exc.retry_with.items())
+            unchecked.append(Unchecked(problem(f"{spec.name}: {_message(exc)}"), shown))  # type: ignore[attr-defined]
+            result = _call(component, spec, {**kwargs, **exc.retry_with}, problem, absent_ok)
+        elif absent_ok:
+            raise
+        else:  # a run: as any other error of the component
+            raise RecipeError([problem(f"{spec.name}: {_message(exc)}")]) from None  # type: ignore[attr-defined]
     check, expected = _RESULT_CHECKS[kind]
     if not check(result):
         raise RecipeError([recipe.problem(path, f"{spec.name!r} ({_by(component)}) returned "  # type: ignore[attr-defined]
                                           f"{type(result).__name__}, but {ARTICLES[kind]} {kind} factory must return {expected}")])
     return result
+
+
+def _call(component: Component, spec: BaseModel, kwargs: dict[str, Any], problem: Callable[[str], Problem],
+          absent_ok: bool) -> Any:
+    """The factory's result; its failures as located recipe errors (``Unavailable`` passes through)."""
+    try:
+        return component.factory(**kwargs)
+    except Unavailable:
+        raise
+    except FileNotFoundError as exc:
+        if absent_ok:
+            raise Unavailable(_message(exc)) from None
+        raise RecipeError([problem(f"{spec.name}: {_message(exc)}")]) from None  # type: ignore[attr-defined]
+    except (UserError, ValueError, NotADirectoryError, PermissionError) as exc:
+        raise RecipeError([problem(f"{spec.name}: {_message(exc)}")]) from None  # type: ignore[attr-defined]
+    except Exception as exc:
+        raise RecipeError([problem(f"{spec.name!r} ({_by(component)}) failed: "  # type: ignore[attr-defined]
+                                   f"{type(exc).__name__}: {_message(exc)}")]) from None
 
 
 def component_kwargs(component: Component, spec: BaseModel, context: Mapping[str, Any]) -> dict[str, Any]:

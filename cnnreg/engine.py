@@ -10,7 +10,6 @@ epoch, so the training step never waits for the host.
 from __future__ import annotations
 
 import contextlib
-import difflib
 import math
 import signal
 import threading
@@ -22,17 +21,17 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import torch
 from torch import nn
 
-from cnnreg import checkpoint, distributed, splits
+from cnnreg import checkpoint, distributed
+from cnnreg.assembly import Choice, assemble, sample_images
 from cnnreg.batches import make_batches
-from cnnreg.components import instantiate
-from cnnreg.data import DataContext, DatasetInfo, DataSource, ImageSplit
+from cnnreg.data import DataContext, DataSource
 from cnnreg.device import (apply_precision, autocast, configure_backends, input_dtype, resolve_device,
                            resolve_precision, seed_everything)
-from cnnreg.errors import RecipeError, UserError
-from cnnreg.forward import apply_transform, merge_views, prepare_batch, view_weights
+from cnnreg.errors import UserError
+from cnnreg.forward import merge_views, prepare_batch, view_weights
 from cnnreg.plugins import PluginManager
 from cnnreg.recipe import RecipeBase
-from cnnreg.records import EpochRecord, EvalResult, FitResult, Metric, ProgressRecord, Schedule, infer_mode
+from cnnreg.records import EpochRecord, EvalResult, FitResult, Metric, ProgressRecord, Schedule
 from cnnreg.rundir import new_run_dir, write_run_files, write_summary
 from cnnreg.state import restore_training_state, save_training_state
 from cnnreg.tallies import LossReader, Tallies
@@ -116,6 +115,7 @@ class Run:
     run_dir: Path | None
     dist: distributed.DistInfo = field(default_factory=distributed.DistInfo)
     step_model: nn.Module | None = None  # the compiled/DDP-wrapped model the step calls
+    choices: tuple[Choice, ...] = ()  # what the run chose for what the recipe left out
 
     @property
     def epochs(self) -> int:
@@ -159,48 +159,21 @@ def build(
     precision = resolve_precision(opts.precision, run_device)
     configure_backends(run_device, opts.deterministic, opts.cudnn_benchmark)
     seed_everything(recipe.seed)
-
-    data = load_data(recipe, fold)
-    channels = recipe.data.channels or data.channels
-    model = instantiate(recipe, "model", ("model",), recipe.model,
-                        context={"num_classes": data.num_classes, "in_channels": channels})
-    context = data_context(data, channels, model)
-    train_tf = tuple(instantiate(recipe, "transform", ("transforms", "train", i), spec, data_context=context)
-                     for i, spec in enumerate(recipe.transforms.train))
-    eval_tf = tuple(instantiate(recipe, "transform", ("transforms", "eval", i), spec, data_context=context)
-                    for i, spec in enumerate(recipe.transforms.eval))
-    dry_run(recipe, model, sample_images(data.train, 2, data.image_size, channels), data.classes, train_tf, eval_tf)
-    init_from_data(model, data, channels, eval_tf)
-
     channels_last = opts.channels_last if opts.channels_last is not None else run_device.type == "cuda"
-    model.to(run_device)
-    apply_precision(model, precision)
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    model = distributed.sync_batchnorm(model, dist, opts.sync_batchnorm)
-    loss_fn = instantiate(recipe, "loss", ("loss",), recipe.loss, context={"num_classes": data.num_classes})
-    optimizer = instantiate(recipe, "optimizer", ("optimizer",), recipe.optimizer, live=param_groups(model))
 
-    batches = make_split_batches(recipe, data, channels, run_device, dist)
-    if len(batches["train"]) == 0:
-        per_rank = (f" ({len(data.train) // dist.world_size} per process of {dist.world_size})"
-                    if dist.world_size > 1 else "")
-        raise RecipeError([recipe.problem(("data", "batch_size"), (
-            f"the training split has {len(data.train)} images{per_rank}, fewer than "
-            f"one batch of {recipe.data.batch_size} with drop_last: no training step would run; lower "
-            f"data.batch_size or set data.drop_last false"))])
-    steps_per_epoch = math.ceil(len(batches["train"]) / opts.accumulate)
-    schedule = None
-    if recipe.scheduler is not None:
-        schedule = instantiate(recipe, "scheduler", ("scheduler",), recipe.scheduler, live=optimizer,
-                               context={"epochs": opts.epochs, "steps_per_epoch": steps_per_epoch})
-    metrics = tuple((spec.name, instantiate(recipe, "metric", ("metrics", i), spec,
-                                            context={"num_classes": data.num_classes}))
-                    for i, spec in enumerate(recipe.metrics))
-    callbacks = tuple(instantiate(recipe, "callback", ("callbacks", i), spec)
-                      for i, spec in enumerate(recipe.callbacks))
-    monitor, mode = check_monitors(recipe, metrics, schedule, callbacks, has_val="val" in batches)
+    def place(model: nn.Module, data: DataSource | None, eval_tf: Sequence[Callable]) -> nn.Module:
+        assert data is not None
+        init_from_data(model, data, recipe.data.channels or data.channels, eval_tf)
+        model.to(run_device)
+        apply_precision(model, precision)
+        if channels_last:
+            model.to(memory_format=torch.channels_last)
+        return distributed.sync_batchnorm(model, dist, opts.sync_batchnorm)
 
+    parts = assemble(recipe, load=True, fold=fold, world_size=dist.world_size, place=place)
+    recipe, data, model = parts.recipe, parts.data, parts.model
+    assert data is not None
+    batches = make_split_batches(recipe, data, parts.channels, run_device, dist)
     scaler = torch.amp.GradScaler(run_device.type) if precision == "fp16" else None
     if output and dist.rank == 0:
         run_dir = Path(run_dir) if run_dir is not None else new_run_dir(recipe, fold)
@@ -211,12 +184,13 @@ def build(
     step_model = distributed.wrap(model, dist)
     if opts.compile != "off":
         step_model = torch.compile(step_model, mode=None if opts.compile == "default" else opts.compile)
-    pm = run_plugin_manager(recipe.plugins, callbacks)
+    pm = run_plugin_manager(recipe.plugins, parts.callbacks)
     run = Run(recipe=recipe, pm=pm, device=run_device, precision=precision, channels_last=channels_last,
-              data=data, context=context, model=model, optimizer=optimizer, schedule=schedule, loss_fn=loss_fn,
-              train_transforms=train_tf, eval_transforms=eval_tf, metrics=metrics, callbacks=callbacks,
-              batches=batches, scaler=scaler, monitor=monitor, mode=mode,
-              run_dir=Path(run_dir) if run_dir is not None else None, dist=dist, step_model=step_model)
+              data=data, context=parts.context, model=model, optimizer=parts.optimizer, schedule=parts.schedule,
+              loss_fn=parts.loss_fn, train_transforms=parts.train_transforms, eval_transforms=parts.eval_transforms,
+              metrics=parts.metrics, callbacks=parts.callbacks, batches=batches, scaler=scaler,
+              monitor=parts.monitor, mode=parts.mode, run_dir=Path(run_dir) if run_dir is not None else None,
+              dist=dist, step_model=step_model, choices=parts.choices)
     if run.is_main:
         for plugins in pm.hook.cnnreg_run_plugins(run=run):
             for plugin in plugins or ():
@@ -224,105 +198,6 @@ def build(
     if run.run_dir is not None and run.is_main:
         write_run_files(run)
     return run
-
-
-def load_data(recipe: RecipeBase, fold: int | None = None) -> DataSource:
-    """The dataset, with validation carved out, a subset taken, or a fold selected."""
-    data = instantiate(recipe, "dataset", ("data",), recipe.data)
-    options = recipe.data
-    cv = recipe.cross_validation
-    if fold is not None:
-        if cv is None:
-            raise RecipeError([recipe.problem(("cross_validation",), "a fold was asked for but the recipe has no "
-                                              "cross_validation section")])
-        folds = splits.kfold(data.train.labels, cv.folds, recipe.seed if cv.seed is None else cv.seed, cv.stratified)
-        train_index, val_index = folds[fold]
-        data = replace(data, train=data.train.select(train_index), val=data.train.select(val_index))
-    elif data.val is None and options.val_fraction > 0:
-        data = splits.with_validation(data, options.val_fraction, recipe.seed)
-    if options.subset is not None:
-        data = replace(data, train=splits.subset(data.train, options.subset, recipe.seed))
-    if data.mean is None or data.std is None:
-        mean, std = splits.channel_stats(data.train)
-        data = replace(data, mean=tuple(mean), std=tuple(std))
-    channels = options.channels or data.channels
-    if channels != data.channels:
-        data = replace(data, mean=_convert_stats(data.mean, channels), std=_convert_stats(data.std, channels))
-    return data
-
-
-def _convert_stats(stats: tuple[float, ...] | None, channels: int) -> tuple[float, ...] | None:
-    if stats is None or len(stats) == channels:
-        return stats
-    if channels == 3:
-        return tuple(stats) * 3
-    return (sum(s * w for s, w in zip(stats, (0.299, 0.587, 0.114))),)
-
-
-def data_context(data: DataSource | DatasetInfo, channels: int, model: nn.Module) -> DataContext:
-    """What transforms may follow: the data's size and statistics, or the
-    pretrained model's own preprocessing when it declares one."""
-    config = getattr(model, "cnnreg_data_config", None) or {}
-    input_size = config.get("input_size")
-    if input_size is not None:
-        input_size = tuple(input_size[-2:])
-    mean = tuple(config["mean"]) if config.get("mean") else data.mean
-    std = tuple(config["std"]) if config.get("std") else data.std
-    if mean is not None and len(mean) != channels:
-        mean, std = _convert_stats(mean, channels), _convert_stats(std, channels)
-    return DataContext(image_size=data.image_size, channels=channels, num_classes=data.num_classes,
-                       mean=mean, std=std, input_size=input_size,
-                       interpolation=config.get("interpolation", "bilinear"), crop_pct=config.get("crop_pct"))
-
-
-def param_groups(model: nn.Module) -> list[dict[str, Any]]:
-    """The model's own parameter groups (``cnnreg_param_groups``), else one group.
-
-    Frozen parameters are included: optimizers skip parameters without a
-    gradient, so a backbone unfrozen later trains without a new optimizer.
-    """
-    groups = getattr(model, "cnnreg_param_groups", None)
-    if callable(groups):
-        return [dict(g) for g in groups()]
-    return [{"params": list(model.parameters())}]
-
-
-def dry_run(recipe: RecipeBase, model: nn.Module, images: torch.Tensor, classes: Sequence[str],
-            train_tf: Sequence[Callable], eval_tf: Sequence[Callable]) -> None:
-    """Push a uint8 batch through both transform pipelines and the model, on
-    the CPU, and check the output width against the dataset's classes."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for split, transforms in (("train", train_tf), ("eval", eval_tf)):
-                x = images.float().div(255)
-                index = torch.arange(len(images))
-                for i, transform in enumerate(transforms):
-                    if split == "train" and getattr(transform, "view_weights", None) is not None:
-                        raise RecipeError([recipe.problem(("transforms", split, i),
-                                                          "test-time augmentation makes several views of each "
-                                                          "image for evaluation: move it to transforms.eval")])
-                    try:
-                        x = apply_transform(transform, x, index, epoch=0)
-                    except (ValueError, UserError, RuntimeError, TypeError, IndexError) as exc:
-                        raise RecipeError([recipe.problem(("transforms", split, i),
-                                                          f"on a batch of {tuple(x.shape)}: {exc}")]) from None
-                try:
-                    logits = merge_views(model(x), view_weights(transforms))
-                except Exception as exc:
-                    raise RecipeError([recipe.problem(("model",), f"the model fails on the {split} batch of shape "
-                                                      f"{tuple(x.shape)}: {type(exc).__name__}: {exc}")]) from None
-                expected = (len(images), len(classes))
-                if not isinstance(logits, torch.Tensor) or tuple(logits.shape) != expected:
-                    shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
-                    path = ("model", "num_classes") if "num_classes" in recipe.model.model_fields_set else ("model",)
-                    shown = ", ".join(classes[:5]) + ("..." if len(classes) > 5 else "")
-                    raise RecipeError([recipe.problem(path, f"the model outputs {shape} for a batch of {len(images)}, "
-                                                      f"but the dataset has {len(classes)} classes ({shown}); "
-                                                      f"expected {expected}")])
-    finally:
-        model.train(was_training)
 
 
 def init_from_data(model: nn.Module, data: DataSource, channels: int, eval_tf: Sequence[Callable]) -> None:
@@ -334,19 +209,9 @@ def init_from_data(model: nn.Module, data: DataSource, channels: int, eval_tf: S
     if not callable(init):
         return
     count = int(getattr(model, "cnnreg_init_images", 5000))
-    images = sample_images(data.train, count, data.image_size, channels)
+    images = sample_images(data.train, count, data.image_size, channels, data.fit)
     with torch.no_grad():
         init(prepare_batch(images, eval_tf, channels_last=False))
-
-
-def sample_images(split: ImageSplit, count: int, image_size: tuple[int, int], channels: int) -> torch.Tensor:
-    """A few uint8 images of a split, as the batches would carry them."""
-    count = min(count, len(split))
-    batches = make_batches(split.select(torch.arange(count)), batch_size=count, shuffle=False, drop_last=False,
-                           device=torch.device("cpu"), seed=0, image_size=image_size, channels=channels,
-                           num_workers=0)
-    images, _ = next(iter(batches))
-    return images
 
 
 def make_split_batches(recipe: RecipeBase, data: DataSource, channels: int, device: torch.device,
@@ -355,7 +220,7 @@ def make_split_batches(recipe: RecipeBase, data: DataSource, channels: int, devi
     eval_batch = options.eval_batch_size or 2 * options.batch_size
     common = dict(device=device, image_size=data.image_size, channels=channels, rank=dist.rank,
                   world_size=dist.world_size, num_workers=options.num_workers, seed=recipe.seed,
-                  num_classes=data.num_classes)
+                  num_classes=data.num_classes, fit=data.fit)
     batches = {"train": make_batches(data.train, batch_size=options.batch_size, shuffle=options.shuffle,
                                      drop_last=options.drop_last, name="train", **common)}
     for name in ("val", "test"):
@@ -365,40 +230,6 @@ def make_split_batches(recipe: RecipeBase, data: DataSource, channels: int, devi
             batches[name] = make_batches(split, batch_size=eval_batch, shuffle=False, drop_last=False, name=name,
                                          even_shards=False, **common)
     return batches
-
-
-def check_monitors(recipe: RecipeBase, metrics: Sequence[tuple[str, Metric]], schedule: Schedule | None,
-                   callbacks: Sequence[object], has_val: bool) -> tuple[str, str]:
-    """Every metric a recipe monitors must be one the run reports."""
-    splits_seen = ["train", "val"] if has_val else ["train"]
-    names = {"lr", "epoch_seconds"} | {f"{s}_loss" for s in splits_seen}
-    names |= {f"{s}_{n}" for s in splits_seen for _, metric in metrics for n in metric.names}
-    problems = []
-
-    def check(name: str | None, path: tuple) -> None:
-        if name is not None and name not in names:
-            close = difflib.get_close_matches(name, sorted(names), n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            no_val = "" if has_val else " (this run has no validation split)"
-            problems.append(recipe.problem(path, f"no metric called {name!r}{no_val}{hint}; "
-                                           f"this run reports: {', '.join(sorted(names))}"))
-
-    check(recipe.trainer.monitor, ("trainer", "monitor"))
-    if schedule is not None:
-        check(schedule.monitor, ("scheduler", "monitor"))
-    callback_monitor = None
-    for i, callback in enumerate(callbacks):
-        name = getattr(callback, "monitor", None)
-        if isinstance(name, str):
-            check(name, ("callbacks", i, "monitor"))
-            if getattr(callback, "chooses_best", False):
-                callback_monitor = callback_monitor or name
-    if problems:
-        raise RecipeError(problems)
-    default = ("val_accuracy" if has_val else "train_accuracy") if any(
-        "accuracy" in m.names for _, m in metrics) else ("val_loss" if has_val else "train_loss")
-    monitor = recipe.trainer.monitor or callback_monitor or default
-    return monitor, recipe.trainer.mode or infer_mode(monitor)
 
 
 def run_plugin_manager(parent: PluginManager, callbacks: Iterable[object]) -> PluginManager:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any, Mapping
 
 JsonPath = tuple[str | int, ...]
 
@@ -14,6 +15,24 @@ class UserError(Exception):
     Plugins raise it (or ``ValueError``) from factories with a message that
     says what is wrong and how to fix it; the engine adds where.
     """
+
+
+class Unavailable(UserError):
+    """Something a recipe needs is not on this machine: a data folder, a
+    weights file, a download without a network.
+
+    ``cnnreg run`` stops with the message, like any user error.
+    ``cnnreg validate`` lists it as "not checked" and checks everything
+    else; with ``retry_with`` it first calls the same factory again with
+    those parameters changed (a model without its pretrained weights), so
+    the rest of the component is still checked.
+
+    :param retry_with: parameters that make the factory work without the missing thing.
+    """
+
+    def __init__(self, message: str, retry_with: Mapping[str, Any] | None = None):
+        super().__init__(message)
+        self.retry_with = dict(retry_with) if retry_with else None
 
 
 @dataclass(frozen=True)
@@ -61,3 +80,19 @@ def format_path(path: JsonPath) -> str:
         else:
             out += f".{part}" if out else str(part)
     return out
+
+
+@dataclass(frozen=True)
+class Unchecked:
+    """Something ``cnnreg validate`` could not check because it is absent here.
+
+    :param problem: the error the run would give without it.
+    :param instead: what was checked in its place ("pretrained=False"), if anything.
+    """
+
+    problem: Problem
+    instead: str | None = None
+
+    def __str__(self) -> str:
+        return str(self.problem) + (f" (checked with {self.instead} instead)" if self.instead else "")
+

@@ -30,12 +30,13 @@ class Predictor:
     device: torch.device
     precision: str
     channels_last: bool
+    fit: str = "stretch"  # how an image of another size meets image_size, as the run's data did
 
 
 def predictor(run: Run) -> Predictor:
     return Predictor(model=run.model, transforms=run.eval_transforms, classes=run.data.classes,
                      image_size=run.data.image_size, channels=run.context.channels, device=run.device,
-                     precision=run.precision, channels_last=run.channels_last)
+                     precision=run.precision, channels_last=run.channels_last, fit=run.data.fit)
 
 
 def predict(run: Run | Predictor, images: Sequence[Any], top_k: int = 1) -> list[Prediction]:
@@ -51,8 +52,7 @@ def predict(run: Run | Predictor, images: Sequence[Any], top_k: int = 1) -> list
             tensor = item if item.dtype == torch.uint8 else (item.clamp(0, 1) * 255).round().to(torch.uint8)
             tensor = splits.convert_channels(tensor.unsqueeze(0), p.channels)[0]
             if tuple(tensor.shape[-2:]) != p.image_size:
-                tensor = nn.functional.interpolate(tensor[None].float(), size=p.image_size, mode="bilinear",
-                                                   antialias=True, align_corners=False).round().clamp(0, 255)[0].to(torch.uint8)
+                tensor = _fit_tensor(tensor, p.image_size, p.fit)
             batch.append(tensor)
             sources.append("<tensor>")
             continue
@@ -65,7 +65,7 @@ def predict(run: Run | Predictor, images: Sequence[Any], top_k: int = 1) -> list
         else:
             source = str(item)
         try:
-            array = decode_image(item, size=p.image_size, channels=p.channels)
+            array = decode_image(item, size=p.image_size, channels=p.channels, fit=p.fit)  # type: ignore[arg-type]
         except BadImage as exc:
             raise UserError(f"cannot read {source}: {exc.reason}") from None
         batch.append(torch.from_numpy(array).permute(2, 0, 1).contiguous())
@@ -79,3 +79,15 @@ def predict(run: Run | Predictor, images: Sequence[Any], top_k: int = 1) -> list
     return [Prediction(source=s, classes=tuple(p.classes[i] for i in idx), indices=tuple(idx),
                        confidences=tuple(conf))
             for s, idx, conf in zip(sources, indices.cpu().tolist(), confidences.cpu().tolist())]
+
+
+def _fit_tensor(image: torch.Tensor, size: tuple[int, int], fit: str) -> torch.Tensor:
+    """A uint8 ``[C, H, W]`` image at ``size``, as a file is decoded (stretched, or covered and cut)."""
+    from torchvision.transforms.v2 import functional as TF
+
+    if fit == "crop":
+        scale = max(size[0] / image.shape[-2], size[1] / image.shape[-1])
+        cover = [max(size[0], round(image.shape[-2] * scale)), max(size[1], round(image.shape[-1] * scale))]
+        return TF.center_crop(TF.resize(image, cover, antialias=True), list(size))
+    return TF.resize(image, list(size), antialias=True)
+

@@ -15,12 +15,12 @@ import inspect
 import json
 import types
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Annotated, Any, Literal, Mapping, Union
 
 import pydantic
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, ValidationInfo
 
 from cnnreg.errors import JsonPath, Problem, RecipeError
 from cnnreg.jsonpos import JsonSyntaxError, SourceMap, parse
@@ -39,7 +39,14 @@ def _resolve_path(value: Path, info: ValidationInfo) -> Path:
     return value if value.is_absolute() or base is None else Path(base) / value
 
 
-RecipePath = Annotated[Path, AfterValidator(_resolve_path)]
+def _not_empty(value: Any) -> Any:
+    # Path("") is ".", the recipe's own folder: an empty string is a slip, never that.
+    if isinstance(value, str) and not value.strip():
+        raise ValueError('an empty path; give a file or folder (".", written out, is the recipe\'s own folder)')
+    return value
+
+
+RecipePath = Annotated[Path, BeforeValidator(_not_empty), AfterValidator(_resolve_path)]
 
 
 class Strict(BaseModel):
@@ -184,17 +191,28 @@ class RecipeBase(Strict):
         """A :class:`Problem` at ``path``, located in the recipe's file."""
         return locate(Problem(path, message), self._source, prefer_key)
 
+    def updated(self, values: Mapping[str, Any]) -> RecipeBase:
+        """This recipe with dotted keys set (``{"data.size": [256, 256]}``), validated again.
 
-Recipe = RecipeBase
+        The values go into the recipe as it was written (with its overrides),
+        so what the recipe left out stays left out; errors still point into its file.
+        """
+        source = self._source or RecipeSource(None, None, Path.cwd())
+        raw = apply_overrides(source.raw if source.raw is not None else self.to_json(), values)
+        return validate_raw(raw, replace(source, raw=raw), self.catalog, self.plugins)
 
 
 @dataclass(frozen=True)
 class RecipeSource:
-    """Where a recipe came from, to point at its lines."""
+    """Where a recipe came from, to point at its lines, and what it said.
+
+    :param raw: the recipe's JSON data, overrides applied, before validation.
+    """
 
     file: Path | None
     source_map: SourceMap | None
     base_dir: Path
+    raw: dict[str, Any] | None = None
 
 
 def locate(problem: Problem, source: RecipeSource | None, prefer_key: bool = False) -> Problem:
@@ -336,7 +354,7 @@ def load_recipe(
         wanted = list(disable) + [n for n in recipe_disable if isinstance(n, str)] if isinstance(recipe_disable, list) else list(disable)
         pm = plugin_manager(disable=wanted, extra=extra)
     catalog = build_catalog(pm)
-    return validate_raw(raw, recipe_source, catalog, pm)
+    return validate_raw(raw, replace(recipe_source, raw=raw), catalog, pm)
 
 
 def validate_raw(raw: dict[str, Any], source: RecipeSource, catalog: Catalog, pm: PluginManager) -> RecipeBase:

@@ -70,7 +70,9 @@ def write_run_files(run: Run) -> None:
                      "cnnreg": _version()},
         "plugins": plugins,
         "broken_plugins": [str(b) for b in run.recipe.catalog.broken],
-        "data": {"classes": list(run.data.classes), "image_size": list(run.data.image_size),
+        # what the recipe left out and the run chose, with why and how to choose otherwise
+        "defaults": [choice.to_json() for choice in run.choices],
+        "data": {"classes": list(run.data.classes), "image_size": list(run.data.image_size), "fit": run.data.fit,
                  "channels": run.context.channels, "mean": run.context.mean, "std": run.context.std,
                  "splits": {name: len(b.split) if hasattr(b, "split") else b.num_samples
                             for name, b in run.batches.items()},

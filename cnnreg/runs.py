@@ -16,13 +16,13 @@ from typing import Any
 import torch
 
 from cnnreg import checkpoint
-from cnnreg.components import instantiate
+from cnnreg.assembly import model_and_eval_transforms
 from cnnreg.data import DatasetInfo
 from cnnreg.device import apply_precision, resolve_device, resolve_precision
-from cnnreg.engine import Run, build, data_context
+from cnnreg.engine import Run, build
 from cnnreg.prediction import Predictor
 from cnnreg.errors import UserError
-from cnnreg.recipe import RecipeBase, load_recipe
+from cnnreg.recipe import load_recipe
 
 
 def read_run_info(run_dir: Path) -> dict[str, Any]:
@@ -69,17 +69,7 @@ def load_predictor(run_dir: Path, *, checkpoint: str = "best", device: str | Non
         model.to(memory_format=torch.channels_last)
     return Predictor(model=model, transforms=transforms, classes=dataset.classes, image_size=dataset.image_size,
                      channels=dataset.channels, device=run_device,
-                     precision=precision, channels_last=channels_last)
-
-
-def model_and_eval_transforms(recipe: RecipeBase, dataset: DatasetInfo) -> tuple[torch.nn.Module, tuple]:
-    model = instantiate(recipe, "model", ("model",), recipe.model,
-                        context={"num_classes": dataset.num_classes, "in_channels": dataset.channels})
-    # The statistics the run normalised with were recorded; use them, not a recomputation.
-    context = replace(data_context(dataset, dataset.channels, model), mean=dataset.mean, std=dataset.std)
-    transforms = tuple(instantiate(recipe, "transform", ("transforms", "eval", i), spec, data_context=context)
-                       for i, spec in enumerate(recipe.transforms.eval))
-    return model, transforms
+                     precision=precision, channels_last=channels_last, fit=data.get("fit", "stretch"))
 
 
 def load_checkpoint_weights(model: torch.nn.Module, run_dir: Path, which: str) -> None:

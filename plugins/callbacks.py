@@ -56,7 +56,7 @@ def warn(message: str) -> None:
 
 def infer_mode(metric: str) -> Mode:
     """The engine's rule: losses, errors, times and rates are better low."""
-    from cnnreg.engine import infer_mode as engine_infer_mode
+    from cnnreg.records import infer_mode as engine_infer_mode
 
     return engine_infer_mode(metric)  # type: ignore[return-value]
 

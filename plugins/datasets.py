@@ -21,8 +21,6 @@ import math
 import pickle
 import shutil
 import tempfile
-import warnings
-from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -31,13 +29,11 @@ from pydantic import Field
 from torchvision import datasets as tvd
 from torchvision.datasets.utils import check_integrity, download_and_extract_archive
 
-from cnnreg import imagefiles
 from cnnreg.data import DatasetInfo, DataSource, ImageSplit, describes
-from cnnreg.errors import UserError
+from cnnreg.errors import Unavailable, UserError
 from cnnreg.hookspecs import hookimpl
-from cnnreg.splits import channel_stats, convert_channels, stratified_split
-
-Pixels = Annotated[int, Field(ge=1)]
+from cnnreg.splits import channel_stats, convert_channels
+from cnnreg_plugins._image_folder import imagefolder
 
 # Per-channel mean and std of each training set (the values the literature uses).
 _STATS = {
@@ -61,36 +57,45 @@ snake spider squirrel streetcar sunflower sweet_pepper table tank telephone tele
 turtle wardrobe whale willow_tree wolf woman worm""".split())
 
 
-def _fixed(name: str, classes: tuple[str, ...], size: int, channels: int):
-    """A describe for a dataset whose shape and classes are fixed: no files needed."""
+def _fixed(name: str, classes: tuple[str, ...], size: int, channels: int, train: int, test: int, files):
+    """A describe for a dataset whose shape and classes are fixed: it reads
+    nothing, and says when the files are not there yet.
 
-    def describe(**_: object) -> DatasetInfo:
+    :param files: ``files(root) -> (folder, present)``.
+    """
+
+    def describe(root: Path, download: bool = False, **_: object) -> DatasetInfo:
+        folder, present = files(Path(root).expanduser().absolute())
+        unchecked = () if present else (
+            f"the files are not in {folder} yet: "
+            + ("download is true, so the run fetches them when it starts" if download
+               else 'the run stops unless they are put there, or "download" is set to true'),)
         return DatasetInfo(classes=classes, image_size=(size, size), channels=channels,
-                           mean=_STATS[name][0], std=_STATS[name][1])
+                           mean=_STATS[name][0], std=_STATS[name][1], split_sizes={"train": train, "test": test},
+                           unchecked=unchecked)
 
     return describe
 
 
-def _describe_imagefolder(root: Path, size=None, channels=None, test_fraction: float = 0.0, **_: object) -> DatasetInfo:
-    """Class folders and the image size from a few headers; nothing is decoded."""
-    root = Path(root).expanduser().absolute()
-    if not root.is_dir():
-        raise UserError(f"image folder {root} {'is not a folder' if root.exists() else 'does not exist'}")
-    listings = _list_splits(root)
-    _check_images_found(root, listings)
-    probe = _probe(listings["train"].files, count=8)
-    pair = _pair(size)
-    height, width = pair or max((hw for hw, _ in probe), key=lambda hw: hw[0] * hw[1])
-    found_channels = channels or (1 if probe and all(gray for _, gray in probe) else 3)
-    present = tuple(listings) + (("test",) if "test" not in listings and test_fraction > 0 else ())
-    return DatasetInfo(classes=tuple(listings["train"].classes), image_size=(height, width),
-                       channels=found_channels, splits=present)
+def _cifar_files(cls):
+    def files(root: Path) -> tuple[Path, bool]:
+        folder = root / cls.base_folder
+        names = [n for n, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]]
+        return folder, all((folder / n).is_file() for n in names)
+    return files
+
+
+def _idx_files(cls):
+    def files(root: Path) -> tuple[Path, bool]:
+        folder, found = _find_idx_files(cls, root)
+        return folder, found is not None
+    return files
 
 
 # -- CIFAR -----------------------------------------------------------------------------
 
 
-@describes(_fixed("cifar10", _CIFAR10_CLASSES, 32, 3))
+@describes(_fixed("cifar10", _CIFAR10_CLASSES, 32, 3, 50_000, 10_000, _cifar_files(tvd.CIFAR10)))
 def cifar10(root: Path, download: bool = False, verify: bool = True) -> DataSource:
     """CIFAR-10: 60,000 32x32 colour images of 10 classes (50,000 train, 10,000 test).
 
@@ -104,7 +109,7 @@ def cifar10(root: Path, download: bool = False, verify: bool = True) -> DataSour
     return _cifar(tvd.CIFAR10, "CIFAR-10", "163 MB", root, download, verify, *_STATS["cifar10"])
 
 
-@describes(_fixed("cifar100", _CIFAR100_CLASSES, 32, 3))
+@describes(_fixed("cifar100", _CIFAR100_CLASSES, 32, 3, 50_000, 10_000, _cifar_files(tvd.CIFAR100)))
 def cifar100(root: Path, download: bool = False, verify: bool = True) -> DataSource:
     """CIFAR-100: 60,000 32x32 colour images of 100 classes (50,000 train, 10,000 test).
 
@@ -147,7 +152,7 @@ def _cifar(cls, title, weight, root, download, verify, mean, std) -> DataSource:
             else f'set "download": true to fetch them ({weight}), or put the files of {cls.filename} '
             f"({cls.url}) there yourself"
         )
-        raise UserError(f"{title} files missing in {folder}/: {', '.join(missing)}; {hint}")
+        raise Unavailable(f"{title} files missing in {folder}/: {', '.join(missing)}; {hint}")
     if corrupt:
         raise UserError(
             f"{title} files in {folder}/ do not match torchvision's checksums: {', '.join(corrupt)} "
@@ -191,7 +196,7 @@ def _from_hwc(data, targets) -> ImageSplit:
 # -- MNIST and its relatives ----------------------------------------------------------
 
 
-@describes(_fixed("mnist", tuple(tvd.MNIST.classes), 28, 1))
+@describes(_fixed("mnist", tuple(tvd.MNIST.classes), 28, 1, 60_000, 10_000, _idx_files(tvd.MNIST)))
 def mnist(root: Path, download: bool = False) -> DataSource:
     """MNIST: 70,000 28x28 grayscale handwritten digits (60,000 train, 10,000 test).
 
@@ -203,7 +208,7 @@ def mnist(root: Path, download: bool = False) -> DataSource:
     return _mnist_like(tvd.MNIST, "MNIST", root, download, *_STATS["mnist"])
 
 
-@describes(_fixed("fashion_mnist", tuple(tvd.FashionMNIST.classes), 28, 1))
+@describes(_fixed("fashion_mnist", tuple(tvd.FashionMNIST.classes), 28, 1, 60_000, 10_000, _idx_files(tvd.FashionMNIST)))
 def fashion_mnist(root: Path, download: bool = False) -> DataSource:
     """Fashion-MNIST: 70,000 28x28 grayscale clothing images of 10 classes.
 
@@ -215,7 +220,7 @@ def fashion_mnist(root: Path, download: bool = False) -> DataSource:
     return _mnist_like(tvd.FashionMNIST, "Fashion-MNIST", root, download, *_STATS["fashion_mnist"])
 
 
-@describes(_fixed("kmnist", tuple(tvd.KMNIST.classes), 28, 1))
+@describes(_fixed("kmnist", tuple(tvd.KMNIST.classes), 28, 1, 60_000, 10_000, _idx_files(tvd.KMNIST)))
 def kmnist(root: Path, download: bool = False) -> DataSource:
     """Kuzushiji-MNIST: 70,000 28x28 grayscale cursive Japanese characters of 10 classes.
 
@@ -242,7 +247,7 @@ def _mnist_like(cls, title, root, download, mean, std) -> DataSource:
     if found is None:
         names = [name.removesuffix(".gz") for name, _ in cls.resources]
         missing = [f"{n}.gz" for n in names if not (folder / n).is_file() and not (folder / f"{n}.gz").is_file()]
-        raise UserError(
+        raise Unavailable(
             f"{title} files missing in {folder}/: {', '.join(missing)} (gzipped or not); "
             f'set "download": true to fetch them, or put them there yourself (from {cls.mirrors[0]})'
         )
@@ -290,207 +295,6 @@ def _find_idx_files(cls, root: Path) -> tuple[Path, dict[str, Path] | None]:
         if len(found) == len(names):
             return folder, found
     return candidates[0], None
-
-
-# -- image folders -----------------------------------------------------------------------
-
-
-@describes(_describe_imagefolder)
-def imagefolder(
-    root: Path,
-    size: Pixels | tuple[Pixels, Pixels] | None = None,
-    channels: Literal[1, 3] | None = None,
-    test_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.0,
-    seed: Annotated[int, Field(ge=0)] = 0,
-    bad_images: Literal["skip", "fail"] = "skip",
-    max_memory_gb: Annotated[float, Field(ge=0)] = 4.0,
-    cache: bool = True,
-    cache_dir: Path | None = None,
-) -> DataSource:
-    """Images in class folders: ``root/<class>/*.jpg``, or ``root/train/<class>/...`` with optional val/ and test/.
-
-    Class names are the folder names, sorted (as torchvision's ImageFolder
-    does); hidden folders and files are left out. A folder without train/
-    is one split, from which ``test_fraction`` is held out (stratified).
-    An empty class folder in train is an error (the model would get an
-    output for a class it never sees); in val/ or test/ it is a warning.
-
-    Args:
-        root: the folder of class folders, or of train/, val/ and test/ folders of class folders.
-        size: resize every image to this [height, width] (or square size);
-            needed when the images differ in size, else their common size is used.
-        channels: 1 (grayscale) or 3 (RGB); default 1 when every image is grayscale, else 3.
-        test_fraction: hold out this stratified fraction of train as a test split, when there is no test/ folder.
-        seed: seed of the test split's draw.
-        bad_images: "skip" leaves unreadable files out (listed, with the reason, in the run's skipped files); "fail" stops at the first.
-        max_memory_gb: decode the whole folder into memory (and onto the GPU) when
-            its images take at most this many GiB as uint8; bigger folders are
-            decoded by DataLoader workers during training.
-        cache: keep the decoded images on disk, so the next run skips decoding.
-        cache_dir: where the cache goes; default $XDG_CACHE_HOME/cnnreg or ~/.cache/cnnreg.
-    """
-    root = Path(root).expanduser().absolute()
-    size = _pair(size)
-    if not root.is_dir():
-        raise UserError(f"image folder {root} {'is not a folder' if root.exists() else 'does not exist'}")
-    listings = _list_splits(root)
-    train = listings["train"]
-    if test_fraction > 0 and "test" in listings:
-        raise UserError(f"{root} has a test/ folder: test_fraction holds out a test split only where there is none")
-    _check_images_found(root, listings)
-    if train.empty_classes:
-        raise UserError(
-            f"class folders without images in {train.folder}: {_names(train.empty_classes)}; each class folder "
-            "becomes a model output, so remove the empty ones (or add images)"
-        )
-    for name, listing in listings.items():
-        if name != "train" and listing.empty_classes:
-            warnings.warn(f"{name} split of {root} has no images of {_names(listing.empty_classes)}", stacklevel=2)
-    total = sum(len(listing.files) for listing in listings.values())
-    probe = _probe(train.files)
-    est_channels = channels or (1 if all(gray for _, gray in probe) else 3)
-    height, width = size or max((hw for hw, _ in probe), key=lambda hw: hw[0] * hw[1])
-    in_memory = total * est_channels * height * width <= max_memory_gb * 2**30
-    if in_memory:
-        source = _decode_in_memory(root, listings, size, channels, bad_images, cache, cache_dir)
-    else:
-        source = _file_source(root, listings, size, channels, probe)
-    if source.test is None and test_fraction > 0:
-        kept, held = stratified_split(source.train.labels, max(1, round(len(source.train) * test_fraction)), seed)
-        source = replace(source, train=source.train.select(kept), test=source.train.select(held))
-    mean, std = channel_stats(source.train, channels=source.channels, size=source.image_size, seed=seed)
-    return replace(source, mean=mean, std=std)
-
-
-def _pair(size) -> tuple[int, int] | None:
-    if size is None:
-        return None
-    pair = (size, size) if isinstance(size, int) else tuple(size)
-    if len(pair) != 2 or not all(isinstance(v, int) and v >= 1 for v in pair):
-        raise ValueError(f"size must be a positive int or [height, width], not {size!r}")
-    return pair
-
-
-def _names(names, limit: int = 5) -> str:
-    shown = ", ".join(repr(n) for n in names[:limit])
-    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
-
-
-def _list_splits(root: Path) -> dict[str, imagefiles.FolderListing]:
-    here = {p.name for p in root.iterdir() if p.is_dir()}
-    if "train" not in here:
-        if here & {"val", "test"}:
-            raise UserError(f"{root} has {' and '.join(sorted(here & {'val', 'test'}))}/ but no train/ folder")
-        return {"train": imagefiles.list_class_folders(root)}
-    listings = {name: imagefiles.list_class_folders(root / name) for name in ("train", "val", "test") if name in here}
-    classes = listings["train"].classes
-    for name, listing in listings.items():
-        if listing.classes != classes:
-            missing = sorted(set(classes) - set(listing.classes))
-            extra = sorted(set(listing.classes) - set(classes))
-            parts = ([f"lacks {_names(missing)}"] if missing else []) + ([f"has {_names(extra)} which train/ lacks"] if extra else [])
-            raise UserError(
-                f"the class folders of {root}/{name}/ differ from those of train/: it {' and '.join(parts)}; "
-                "every split needs the same class folders (an empty folder is fine for a class with no images there)"
-            )
-    return listings
-
-
-def _check_images_found(root: Path, listings) -> None:
-    if sum(len(listing.files) for listing in listings.values()) == 0:
-        raise UserError(
-            f"no images found under {root}: expected class folders holding files ending in "
-            f"{', '.join(imagefiles.IMG_EXTENSIONS)} (any case)"
-        )
-
-
-def _probe(files, count: int = 32) -> list[tuple[tuple[int, int], bool]]:
-    """Headers of up to ``count`` files spread over the list (unreadable ones passed over)."""
-    step = max(1, len(files) // count)
-    found = []
-    for path in files[::step][:count]:
-        try:
-            found.append(imagefiles.image_header(path))
-        except imagefiles.BadImage:
-            continue
-    return found or [((32, 32), False)]
-
-
-def _decode_in_memory(root, listings, size, channels, bad_images, cache, cache_dir) -> DataSource:
-    directory = (Path(cache_dir).expanduser() if cache_dir is not None else imagefiles.default_cache_dir()) if cache else None
-    splits: dict[str, ImageSplit] = {}
-    skipped: list[tuple[str, str]] = []
-    shapes: dict[str, tuple[int, ...]] = {}
-    for name, listing in listings.items():
-        if not listing.files:
-            continue
-        decoded, _ = imagefiles.decode_cached(
-            listing, size=size, channels=channels, bad_images=bad_images, cache_dir=directory
-        )
-        skipped.extend(decoded.skipped)
-        splits[name] = ImageSplit(labels=listing.labels[decoded.kept], images=decoded.images)
-        shapes[name] = tuple(decoded.images.shape[1:])
-    train = listings["train"]
-    if "train" not in splits:
-        raise UserError(f"{train.folder} holds no images, only its other splits do")
-    sizes = {shape[1:] for shape in shapes.values()}
-    if len(sizes) > 1:
-        described = ", ".join(f"{name} {s[1]}x{s[2]}" for name, s in shapes.items())
-        raise UserError(f'the splits of {root} differ in image size ({described}); set "size" to resize them all')
-    out_channels = max(shape[0] for shape in shapes.values())
-    splits = {name: _widen(split, out_channels) for name, split in splits.items()}
-    lost = (torch.bincount(splits["train"].labels, minlength=len(train.classes)) == 0).nonzero().flatten().tolist()
-    if lost:
-        raise UserError(
-            f"every image of class {_names([train.classes[i] for i in lost])} in {train.folder} is unreadable "
-            "(see the skipped files); fix or remove them"
-        )
-    if skipped:
-        warnings.warn(
-            f"skipped {len(skipped)} unreadable image file(s) under {root} (first: {skipped[0][0]}: {skipped[0][1]})",
-            stacklevel=3,
-        )
-    return DataSource(
-        train=splits["train"],
-        val=splits.get("val"),
-        test=splits.get("test"),
-        classes=train.classes,
-        image_size=tuple(sizes.pop()),
-        channels=out_channels,
-        skipped=tuple(skipped),
-    )
-
-
-def _widen(split: ImageSplit, channels: int) -> ImageSplit:
-    # train all grayscale but a colour image in test: every split becomes RGB.
-    if split.images is None or split.images.shape[1] == channels:
-        return split
-    return ImageSplit(labels=split.labels, images=convert_channels(split.images, channels).contiguous())
-
-
-def _file_source(root, listings, size, channels, probe) -> DataSource:
-    sizes = {hw for hw, _ in probe}
-    if size is None and len(sizes) > 1:
-        a, b = sorted(sizes)[:2]
-        raise UserError(
-            f"the images under {root} differ in size (e.g. {a[0]}x{a[1]} and {b[0]}x{b[1]}, height x width); "
-            f'set "size" (e.g. {a[0]}) to resize every image to one size'
-        )
-    size = size or sizes.pop()
-    channels = channels or (1 if all(gray for _, gray in probe) else 3)
-    splits = {
-        name: ImageSplit(labels=listing.labels, files=tuple(map(Path, listing.files)))
-        for name, listing in listings.items()
-        if listing.files
-    }
-    return DataSource(
-        train=splits["train"],
-        val=splits.get("val"),
-        test=splits.get("test"),
-        classes=listings["train"].classes,
-        image_size=size,
-        channels=channels,
-    )
 
 
 # -- synthetic ---------------------------------------------------------------------------

@@ -72,6 +72,8 @@ def run_facts(run: Run, start_epoch: int) -> dict[str, str]:
         facts["ranks"] = str(run.dist.world_size)
     if start_epoch > 1:
         facts["resume_at_epoch"] = str(start_epoch)
+    for choice in run.choices:  # what the recipe left out: what was chosen, why, how to choose otherwise
+        facts[f"chosen {choice.key}"] = str(choice).split(" = ", 1)[1]
     facts["run_dir"] = str(run.run_dir) if run.run_dir is not None else "none"
     return facts
 
@@ -118,7 +120,8 @@ class PlainProgress:
 
     @hookimpl
     def cnnreg_fit_start(self, run: Run, start_epoch: int) -> None:
-        facts = " ".join(f'{k}="{v}"' if " " in v else f"{k}={v}" for k, v in run_facts(run, start_epoch).items())
+        facts = " ".join(f'{k.replace(" ", "_")}="{v}"' if " " in v else f"{k}={v}"
+                         for k, v in run_facts(run, start_epoch).items())
         self._write(f"run {run.recipe.name}: {facts}")
 
     @hookimpl
@@ -167,6 +170,9 @@ class RichProgress:
         grid.add_row("model", f"{escape(facts['model'])} · {facts['params']} parameters{trainable}")
         grid.add_row("data", f"{escape(facts['data'])} · {facts['classes']} classes · {facts['images']} · "
                      f"{split_sizes}")
+        for key, value in facts.items():
+            if key.startswith("chosen "):
+                grid.add_row(key, escape(value))
         grid.add_row("epochs", facts["epochs"] + (f" (resuming at epoch {start_epoch})" if start_epoch > 1 else ""))
         grid.add_row("run dir", escape(facts["run_dir"]))
         self.console.print(Group(Text(f"cnnreg run {run.recipe.name}", style="bold"), grid))

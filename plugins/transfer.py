@@ -28,7 +28,7 @@ import torch
 from pydantic import BeforeValidator, Field
 from torch import nn
 
-from cnnreg.errors import UserError
+from cnnreg.errors import Unavailable, UserError
 from cnnreg.hookspecs import hookimpl
 from cnnreg.registry import Family
 
@@ -316,11 +316,11 @@ def _timm_from_hub(arch: str, options: dict[str, Any], num_classes: int) -> nn.M
         if not _is_download_error(exc):
             raise
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(
+        raise Unavailable(
             f"could not get pretrained weights for timm model {arch!r}: no network was reached "
             f"(or offline mode is on) and they are not in the local cache ({reason}). "
             f"On a machine with a network, download {where} and give the file: "
-            f'"pretrained": "path/to/model.safetensors"') from None
+            f'"pretrained": "path/to/model.safetensors"', retry_with=_WITHOUT_WEIGHTS["timm"]) from None
 
 
 def _timm_from_file(arch: str, options: dict[str, Any], num_classes: int, path: Path) -> nn.Module:
@@ -504,11 +504,12 @@ def _torchvision_download(arch: str, weights: WeightsEnum | None, options: dict[
     except OSError as exc:  # urllib's URLError, a refused connection, a timeout
         if weights is None:
             raise
-        raise UserError(
+        raise Unavailable(
             f"could not download the {weights} weights of torchvision model {arch!r}: no network was reached "
             f"and they are not in torch's cache ({exc}). On a machine with a network, download {weights.url} "
             f'and give the file: "weights": "path/to/{Path(weights.url).name}" (or put it in '
-            f"{Path(torch.hub.get_dir()) / 'checkpoints'} and keep the name)") from None
+            f"{Path(torch.hub.get_dir()) / 'checkpoints'} and keep the name)",
+            retry_with=_WITHOUT_WEIGHTS["torchvision"]) from None
 
 
 def _load_torchvision_file(net: nn.Module, arch: str, head_name: str, path: Path) -> None:
@@ -597,9 +598,14 @@ def _check_arch(library: str, arch: str, known: bool, names: Any) -> None:
     raise UserError(f"unknown {library} architecture {arch!r}{hint} (`cnnreg ls models '{library}:*'` lists them all)")
 
 
+# What builds the same architecture without its weights, for `cnnreg validate`.
+_WITHOUT_WEIGHTS = {"timm": {"pretrained": False}, "torchvision": {"weights": None}}
+
+
 def _existing_file(path: Path, library: str, arch: str) -> Path:
     if not path.is_file():
-        raise UserError(f"weights file for {library} model {arch!r} not found: {path} (looked for {path.absolute()})")
+        raise Unavailable(f"weights file for {library} model {arch!r} not found: {path} (looked for {path.absolute()})",
+                          retry_with=_WITHOUT_WEIGHTS[library])
     return path
 
 

@@ -237,7 +237,7 @@ def test_imagefolder_skips_bad_images_and_lists_them(tmp_path):
         write_zero_byte_file(tmp_path / "b" / "empty.png"),
         write_not_an_image_file(tmp_path / "b" / "text.jpeg"),
     ]
-    with pytest.warns(UserWarning, match="skipped 3 unreadable"):
+    with pytest.warns(UserWarning, match="skipping 3 unreadable"):
         source = load(tmp_path)
     assert len(source.train) == 6
     assert sorted(path for path, _ in source.skipped) == sorted(str(p) for p in bad)
@@ -346,8 +346,10 @@ def test_cache_second_load_does_not_decode(tmp_path):
     root, cache = tmp_path / "images", tmp_path / "cache"
     written = write_image_folder(root, ("a", "b"), per_class=2, size=(5, 5))
     first = imagefolder(root=root, cache=True, cache_dir=cache)
-    files = list((cache / "imagefolder").iterdir())
-    assert len(files) == 1 and files[0].suffix == ".safetensors"
+    files = sorted((cache / "imagefolder").iterdir())
+    # the decoded images, and every file's header (so a second run reads no file at all)
+    assert len(files) == 2 and all(f.suffix == ".safetensors" for f in files)
+    assert sum(f.name.startswith("headers-") for f in files) == 1
     # Overwrite every image with garbage of the same length and restore its
     # time stamps: decoding now would skip them all, so equal tensors prove
     # the second load came from the cache.
@@ -360,7 +362,7 @@ def test_cache_second_load_does_not_decode(tmp_path):
     # a changed file changes the key: everything is decoded again (and the garbage skipped)
     write_image(written["a"][0], size=(5, 5), seed=98)
     write_image(written["b"][0], size=(5, 5), seed=99)
-    with pytest.warns(UserWarning, match="skipped 2 unreadable"):
+    with pytest.warns(UserWarning, match="skipping 2 unreadable"):
         third = imagefolder(root=root, cache=True, cache_dir=cache)
     assert third.train.labels.tolist() == [0, 1]
 
@@ -371,7 +373,7 @@ def test_cache_is_keyed_by_options_and_survives_a_damaged_file(tmp_path):
     imagefolder(root=root, cache_dir=cache)
     imagefolder(root=root, cache_dir=cache, size=3)
     stored = sorted((cache / "imagefolder").iterdir())
-    assert len(stored) == 2
+    assert len(stored) == 3  # the headers, and the images at each size
     assert not [p for p in stored if p.name.startswith(".tmp")]  # no temp files left behind
     for path in stored:
         path.write_bytes(path.read_bytes()[:100])  # truncated: unusable
@@ -397,7 +399,7 @@ def test_cache_dir_defaults_to_xdg_cache_home(tmp_path, monkeypatch):
     assert imagefiles.default_cache_dir() == tmp_path / "xdg" / "cnnreg"
     write_image_folder(tmp_path / "images", ("a", "b"), per_class=1)
     imagefolder(root=tmp_path / "images")
-    assert len(list((tmp_path / "xdg" / "cnnreg" / "imagefolder").iterdir())) == 1
+    assert len(list((tmp_path / "xdg" / "cnnreg" / "imagefolder").iterdir())) == 2  # headers and images
 
 
 def test_parallel_decoding_equals_decoding_in_process(tmp_path):

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 import cnnreg
-from cnnreg.validate import dry_run_recipe
+from cnnreg.validation import validate_recipe
 
 from _datafiles import write_image_folder
 
@@ -42,8 +42,8 @@ def test_recipe_validates_and_dry_runs(path, tmp_path):
     raw = json.loads(path.read_text())
     assert raw["description"], "every recipe says what it reproduces and should reach"
     recipe = cnnreg.load_recipe(path, overrides=offline_overrides(raw, tmp_path))
-    report = dry_run_recipe(recipe)
-    assert recipe.model.name in report
+    report = validate_recipe(recipe)
+    assert recipe.model.name in report.summary
 
 
 def test_the_tutorial_recipe_has_the_tutorials_hyperparameters():

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 import cnnreg
-from cnnreg import engine
+from cnnreg import assembly, engine
 from cnnreg.batches import make_batches
 from cnnreg.data import ImageSplit
 from cnnreg.errors import RecipeError
@@ -287,7 +287,7 @@ def test_bf16_true_keeps_weights_in_bf16_and_batch_norm_in_fp32_and_trains(tmp_p
 def test_build_initialises_a_model_from_training_images_as_evaluation_sees_them(tmp_path):
     recipe = cnnreg.load_recipe(tiny_recipe(tmp_path, model={"name": "whitening_cnn", "widths": [8, 8, 8]}))
     run = cnnreg.build(recipe, output=False)
-    images = engine.sample_images(run.data.train, run.model.cnnreg_init_images, run.data.image_size, 3)
+    images = assembly.sample_images(run.data.train, run.model.cnnreg_init_images, run.data.image_size, 3)
     expected = torch.nn.Conv2d(3, 24, 2)
     model = run.model
     saved = model.whiten.weight.detach().clone()
