@@ -460,9 +460,9 @@ def default_transforms(recipe: RecipeBase, context: DataContext, model: nn.Modul
                            {"name": "random_horizontal_flip"}, normalize],
                  "eval": [{"name": "resize", "size": resize[0] if resize[0] == resize[1] else list(resize),
                            **interpolation}, {"name": "center_crop", "size": crop}, normalize]}
-        reason = (f"the recipe has no transforms: {name}'s own pipeline, as timm builds it from its data config "
-                  f"(train: random resized crop to {crop[0]}x{crop[1]}, horizontal flip, normalize with its mean "
-                  f"and std; eval: resize to {resize[0]}, centre crop, normalize)")
+        reason = (f"the recipe has no transforms: {name}'s own preprocessing, from its data config as timm's "
+                  f"create_transform builds it (train: random resized crop to {crop[0]}x{crop[1]}, horizontal flip, "
+                  f"normalize with its mean and std; eval: resize to {resize[0]}, centre crop, normalize)")
     else:
         if "normalize" not in have:
             return None

@@ -42,7 +42,7 @@ def predictor(run: Run) -> Predictor:
 def predict(run: Run | Predictor, images: Sequence[Any], top_k: int = 1) -> list[Prediction]:
     """Classify images (paths, PIL images or uint8 ``[C, H, W]`` tensors) with the
     run's eval transforms; each answer lists the ``top_k`` classes and confidences."""
-    from cnnreg.imagefiles import BadImage, decode_image
+    from cnnreg.imagefiles import BadImage, decode_image, fit_image
 
     p = run if isinstance(run, Predictor) else predictor(run)
     top_k = max(1, min(top_k, len(p.classes)))
@@ -52,7 +52,7 @@ def predict(run: Run | Predictor, images: Sequence[Any], top_k: int = 1) -> list
             tensor = item if item.dtype == torch.uint8 else (item.clamp(0, 1) * 255).round().to(torch.uint8)
             tensor = splits.convert_channels(tensor.unsqueeze(0), p.channels)[0]
             if tuple(tensor.shape[-2:]) != p.image_size:
-                tensor = _fit_tensor(tensor, p.image_size, p.fit)
+                tensor = fit_image(tensor, p.image_size, p.fit)  # type: ignore[arg-type]
             batch.append(tensor)
             sources.append("<tensor>")
             continue
@@ -79,15 +79,4 @@ def predict(run: Run | Predictor, images: Sequence[Any], top_k: int = 1) -> list
     return [Prediction(source=s, classes=tuple(p.classes[i] for i in idx), indices=tuple(idx),
                        confidences=tuple(conf))
             for s, idx, conf in zip(sources, indices.cpu().tolist(), confidences.cpu().tolist())]
-
-
-def _fit_tensor(image: torch.Tensor, size: tuple[int, int], fit: str) -> torch.Tensor:
-    """A uint8 ``[C, H, W]`` image at ``size``, as a file is decoded (stretched, or covered and cut)."""
-    from torchvision.transforms.v2 import functional as TF
-
-    if fit == "crop":
-        scale = max(size[0] / image.shape[-2], size[1] / image.shape[-1])
-        cover = [max(size[0], round(image.shape[-2] * scale)), max(size[1], round(image.shape[-1] * scale))]
-        return TF.center_crop(TF.resize(image, cover, antialias=True), list(size))
-    return TF.resize(image, list(size), antialias=True)
 

@@ -34,7 +34,8 @@ def offline_overrides(raw: dict, tmp_path: Path) -> dict:
 def test_there_are_recipes_for_every_tutorial_example():
     names = {p.stem for p in RECIPES}
     assert {"quickstart", "cifar10-tutorial-cnn", "cifar10-simple-cnn", "mnist-cnn", "mnist-cnn-bn",
-            "imagefolder-transfer", "cifar10-efficientnet-lite0", "cifar10-fast", "mnist-fast"} <= names
+            "imagefolder-transfer", "imagefolder-simple-cnn", "cifar10-efficientnet-lite0", "cifar10-fast",
+            "mnist-fast"} <= names
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
