@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import difflib
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -118,8 +118,7 @@ def assemble(recipe: RecipeBase, *, load: bool, fold: int | None = None, world_s
         info, data, absent = _describe(recipe, fold, load, unchecked)
         check_data(recipe, info, absent=absent)
         channels = recipe.data.channels or info.channels
-        model = instantiate(recipe, "model", ("model",), recipe.model, unchecked=None if load else unchecked,
-                            context={"num_classes": info.num_classes, "in_channels": channels})
+        model = _model(recipe, info.num_classes, channels, unchecked=None if load else unchecked)
         if absent:
             info = replace(info, image_size=_stand_in_size(recipe, model))
         elif (stored := storage_choice(recipe, info, model)) is not None:
@@ -132,19 +131,16 @@ def assemble(recipe: RecipeBase, *, load: bool, fold: int | None = None, world_s
         if data is not None:
             info = replace(describe_source(data), warnings=info.warnings)
     context = data_context(info, channels, model)
-    if context.mean is None or context.std is None:
-        # validate, on data whose statistics are computed when it is loaded
+    known_stats = context.mean is not None and context.std is not None
+    if not known_stats:  # validate, on data whose statistics are computed when it is loaded
         mean, std = _PLACEHOLDER_STATS
         context = replace(context, mean=(mean,) * channels, std=(std,) * channels)
     if "transforms" not in recipe.model_fields_set:
-        defaults = default_transforms(recipe, context, model, known_stats=info.mean is not None or _declares(model))
+        defaults = default_transforms(recipe, context, model, known_stats=known_stats)
         if defaults is not None:
             choices.append(defaults)
             recipe = recipe.updated({"transforms": defaults.value})
-    train_tf = tuple(instantiate(recipe, "transform", ("transforms", "train", i), spec, data_context=context)
-                     for i, spec in enumerate(recipe.transforms.train))
-    eval_tf = tuple(instantiate(recipe, "transform", ("transforms", "eval", i), spec, data_context=context)
-                    for i, spec in enumerate(recipe.transforms.eval))
+    train_tf, eval_tf = _transforms(recipe, context, "train"), _transforms(recipe, context, "eval")
     images = (sample_images(data.train, 2, data.image_size, channels, data.fit) if data is not None
               else fake_images(2, channels, info.image_size))
     dry_run(recipe, model, images, info.classes, train_tf, eval_tf)
@@ -176,13 +172,21 @@ def assemble(recipe: RecipeBase, *, load: bool, fold: int | None = None, world_s
 
 def model_and_eval_transforms(recipe: RecipeBase, info: DatasetInfo) -> tuple[nn.Module, tuple]:
     """The model and eval transforms of a finished run, from what it recorded (the predictor's part)."""
-    model = instantiate(recipe, "model", ("model",), recipe.model,
-                        context={"num_classes": info.num_classes, "in_channels": info.channels})
+    model = _model(recipe, info.num_classes, info.channels)
     # The statistics the run normalised with were recorded; use them, not a recomputation.
     context = replace(data_context(info, info.channels, model), mean=info.mean, std=info.std)
-    transforms = tuple(instantiate(recipe, "transform", ("transforms", "eval", i), spec, data_context=context)
-                       for i, spec in enumerate(recipe.transforms.eval))
-    return model, transforms
+    return model, _transforms(recipe, context, "eval")
+
+
+def _model(recipe: RecipeBase, num_classes: int, channels: int, unchecked: list[Unchecked] | None = None) -> nn.Module:
+    return instantiate(recipe, "model", ("model",), recipe.model, unchecked=unchecked,
+                       context={"num_classes": num_classes, "in_channels": channels})
+
+
+def _transforms(recipe: RecipeBase, context: DataContext, split: str) -> tuple[Callable[..., torch.Tensor], ...]:
+    specs = recipe.transforms.train if split == "train" else recipe.transforms.eval
+    return tuple(instantiate(recipe, "transform", ("transforms", split, i), spec, data_context=context)
+                 for i, spec in enumerate(specs))
 
 
 # -- the data -------------------------------------------------------------------------------------
@@ -367,11 +371,6 @@ def _convert_stats(stats: tuple[float, ...] | None, channels: int) -> tuple[floa
 
 
 # -- what a recipe leaves out -------------------------------------------------------------------
-
-
-def _declares(model: nn.Module) -> bool:
-    config = getattr(model, "cnnreg_data_config", None) or {}
-    return bool(config.get("input_size"))
 
 
 def _resize_size(config: dict[str, Any]) -> tuple[int, int] | None:

@@ -100,7 +100,9 @@ def _downcast_output(module: nn.Module, args: tuple[Any, ...], output: Any) -> A
 
 
 def configure_backends(device: torch.device, deterministic: bool, cudnn_benchmark: bool) -> None:
-    """Fast defaults on CUDA (cuDNN autotuning, TF32 matmuls), or reproducibility."""
+    """Fast defaults on CUDA (cuDNN autotuning, TF32 matmuls), or reproducibility; on the CPU, a heap that is kept."""
+    if device.type == "cpu":
+        keep_freed_memory()
     if deterministic:
         # cuBLAS needs this set before its first use to be deterministic.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -114,6 +116,35 @@ def configure_backends(device: torch.device, deterministic: bool, cudnn_benchmar
         torch.backends.cudnn.benchmark = cudnn_benchmark
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+
+
+# glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+
+
+def keep_freed_memory() -> bool:
+    """Ask glibc's malloc to keep freed memory for the next allocation instead of returning it.
+
+    By default every allocation above 32 MiB is a fresh mmap and every free
+    a munmap, so a CPU training step faults in (and zeroes) its activations'
+    pages again each time: measured on 2 cores, a frozen-backbone step of
+    tf_efficientnet_lite0 at batch 64 took 2.6 s, 15 s of it in the kernel
+    for 10 s of user time; with the heap kept, 0.7 s. The process then holds
+    its peak memory until it exits. Returns whether glibc took the settings
+    (False off glibc: macOS, musl, Windows).
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        mallopt = getattr(libc, "mallopt", None)
+        if mallopt is None or not hasattr(libc, "gnu_get_libc_version"):
+            return False
+        return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+    except OSError:
+        return False
 
 
 def seed_everything(seed: int) -> None:

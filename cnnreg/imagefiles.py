@@ -77,6 +77,7 @@ class FolderListing:
     :param empty_classes: class folders without a single image file.
     :param run_dirs: folders inside that hold a cnnreg run (``run.json`` and
         ``recipe.json``): a run's plots would be read as images of a class.
+    :param loose: image files directly in ``folder``, in no class folder (left out).
     """
 
     folder: Path
@@ -85,6 +86,7 @@ class FolderListing:
     labels: torch.Tensor
     empty_classes: tuple[str, ...]
     run_dirs: tuple[str, ...] = ()
+    loose: tuple[str, ...] = ()
 
 
 def is_image_file(name: str) -> bool:
@@ -98,7 +100,10 @@ def list_class_folders(folder: Path) -> FolderListing:
     :raises UserError: when ``folder`` holds no class folder at all.
     """
     folder = Path(folder)
-    classes = sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
+    with os.scandir(folder) as entries:
+        here = [(e.name, e.is_dir()) for e in entries if not e.name.startswith(".")]
+    classes = sorted(name for name, is_dir in here if is_dir)
+    loose = sorted(name for name, is_dir in here if not is_dir and is_image_file(name))
     if not classes:
         raise UserError(
             f"{folder} has no class folders: an image folder holds one folder per class "
@@ -123,6 +128,7 @@ def list_class_folders(folder: Path) -> FolderListing:
         labels=torch.tensor(labels, dtype=torch.int64),
         empty_classes=tuple(empty),
         run_dirs=tuple(sorted(run_dirs)),
+        loose=tuple(loose),
     )
 
 
@@ -605,10 +611,15 @@ def save_atomically(path: Path, tensors: dict[str, torch.Tensor], metadata: dict
     from safetensors.torch import save_file
 
     path.parent.mkdir(parents=True, exist_ok=True)
+    from safetensors import SafetensorError
+
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".safetensors")
     os.close(fd)
     try:
-        save_file(tensors, tmp, metadata=metadata)
+        try:
+            save_file(tensors, tmp, metadata=metadata)
+        except SafetensorError as e:  # a full disk, say: an OSError to the callers, like every other write
+            raise OSError(f"{e}") from None
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -71,7 +71,7 @@ def write_run_files(run: Run) -> None:
         "plugins": plugins,
         "broken_plugins": [str(b) for b in run.recipe.catalog.broken],
         # what the recipe left out and the run chose, with why and how to choose otherwise
-        "defaults": [choice.to_json() for choice in run.choices],
+        "defaults": [choice.to_json() for choice in run.choices] or _recorded_defaults(run.run_dir),
         "data": {"classes": list(run.data.classes), "image_size": list(run.data.image_size), "fit": run.data.fit,
                  "channels": run.context.channels, "mean": run.context.mean, "std": run.context.std,
                  "splits": {name: len(b.split) if hasattr(b, "split") else b.num_samples
@@ -79,6 +79,16 @@ def write_run_files(run: Run) -> None:
                  "skipped_files": [list(s) for s in run.data.skipped]},
     }
     checkpoint.atomic_write_text(run.run_dir / "run.json", json.dumps(info, indent=2, default=str) + "\n")
+
+
+def _recorded_defaults(run_dir: Path) -> list:
+    """The choices an earlier start of this run recorded: resumed, it reads
+    them back from its recipe.json, so it has none of its own to record."""
+    try:
+        info = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    return info.get("defaults", []) if isinstance(info, dict) else []
 
 
 def write_summary(run: Run, result: FitResult) -> None:

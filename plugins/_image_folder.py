@@ -92,6 +92,10 @@ def plan_folder(root: Path, channels: int | None, test_fraction: float, bad_imag
                         "folder becomes a model output, so remove the empty ones (or add images)")
     notes = [f"the {name} split of {root} has no images of {_names(listing.empty_classes)}"
              for name, listing in listings.items() if name != "train" and listing.empty_classes]
+    notes += [f"{len(listing.loose)} image file{'s' if len(listing.loose) != 1 else ''} directly in "
+              f"{listing.folder} ({_names(listing.loose, 3)}) belong to no class folder and are left out; "
+              "move each into the folder of its class"
+              for listing in listings.values() if listing.loose]
 
     digests = {name: imagefiles.files_digest(listing) for name, listing in listings.items()} if cache_dir else {}
     headers = {name: imagefiles.probe_listing(listing, cache_dir=cache_dir, files=digests.get(name))

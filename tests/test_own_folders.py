@@ -15,7 +15,6 @@ from typing import Any, Callable
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
@@ -116,6 +115,40 @@ def test_images_of_one_large_size_are_resized_for_a_pretrained_models_preprocess
     assert check.choices[0].key == "data.size" and check.choices[0].value == [168, 224]  # short side 168, aspect kept
     small = cnnreg.validate(recipe_for(tmp_path, tmp_path / "photos", data__val_fraction=0.0))
     assert not [c for c in small.choices if c.key == "data.size"]  # no preprocessing: one size is kept
+
+
+def test_a_resumed_run_keeps_the_record_of_what_was_chosen(tmp_path):
+    root = colour_folder(tmp_path / "photos")
+    run = cnnreg.build(cnnreg.load_recipe(recipe_for(tmp_path, root, trainer__epochs=2)))
+    cnnreg.fit(run)
+    before = json.loads((run.run_dir / "run.json").read_text())["defaults"]
+    assert [d["key"] for d in before] == ["data.size", "transforms"]
+    recipe = cnnreg.load_recipe(run.run_dir / "recipe.json", overrides={"trainer.epochs": 3})
+    resumed = cnnreg.build(recipe, run_dir=run.run_dir)
+    assert resumed.choices == () and resumed.data.image_size == run.data.image_size  # read back, not chosen again
+    assert json.loads((run.run_dir / "run.json").read_text())["defaults"] == before
+
+
+def test_the_shipped_own_photos_recipe_trains_on_a_folder_of_mixed_photos(tmp_path):
+    root = colour_folder(tmp_path / "photos", per_class=12)
+    shipped = Path(__file__).parent.parent / "recipes" / "imagefolder-simple-cnn.json"
+    recipe = cnnreg.load_recipe(shipped, overrides={
+        "data.root": str(root), "data.cache_dir": str(tmp_path / "cache"), "trainer.epochs": 4,
+        "trainer.progress": "off", "output_dir": str(tmp_path / "runs"), "disable_plugins": ["plots"]})
+    run = cnnreg.build(recipe)
+    assert run.data.image_size == (128, 128) and run.choices == ()  # the recipe's size, stretched as the tutorial's
+    assert cnnreg.fit(run).best.metrics["val_accuracy"] >= 0.8  # two colours: chance is 0.5
+
+
+def test_the_quickstart_pointed_at_a_folder_validates_and_runs(tmp_path, capsys):
+    """The first thing a new user tries: the offline quickstart with its data switched to their photos."""
+    root = colour_folder(tmp_path / "photos")
+    raw = json.loads((Path(__file__).parent.parent / "recipes" / "quickstart.json").read_text())
+    raw.update(data={"name": "imagefolder", "root": str(root), "batch_size": 8, "cache_dir": str(tmp_path / "c")},
+               output_dir=str(tmp_path / "runs"), trainer={"epochs": 1, "progress": "off"})
+    path = tmp_path / "quickstart.json"
+    path.write_text(json.dumps(raw))
+    assert _outcome(capsys, ["validate", str(path)]) == _outcome(capsys, ["run", str(path)]) == (0, [])
 
 
 def test_a_size_the_recipe_gives_is_kept_and_stretches(tmp_path):
@@ -296,6 +329,8 @@ CASES = {
                                              {"data__test_fraction": 0.2}, 2, r"has a test/ folder"),
     "too few images for one batch": (_folder(_two_classes), {"data__batch_size": 64, "data__drop_last": True}, 2,
                                      r"data\.batch_size: the training split has 6 images, fewer than one batch of 64"),
+    "photos outside the class folders": (_folder(lambda r: (_two_classes(r), write_image(r / "stray.jpg"))), {}, 0,
+                                         r"warning: 1 image file directly in .*'stray\.jpg'.* left out"),
     "a plugin's labels out of range": (lambda tmp, mp: {"data": {"name": _plugin_with_bad_labels(tmp, mp), "batch_size": 4}},
                                        {}, 2, r"data: shifted: labels of the train split must be class indices in \[0, 2\)"),
 }
@@ -321,6 +356,16 @@ def test_validate_gives_the_verdict_run_gives(case, tmp_path, monkeypatch, capsy
         assert any(re.search(message, line) for line in ran[1]), ran[1]
     else:
         assert ran[1] == []
+
+
+def test_a_cache_that_cannot_be_written_costs_time_not_the_run(tmp_path, capsys):
+    root = colour_folder(tmp_path / "photos")
+    (tmp_path / "a-file").write_text("not a folder")
+    path = tmp_path / "recipe.json"
+    path.write_text(json.dumps(recipe_for(tmp_path, root, data__cache_dir=str(tmp_path / "a-file" / "cache"))))
+    status, lines = _outcome(capsys, ["run", str(path)])
+    assert status == 0 and lines and all(re.match(r"warning: could not write the image cache .*a-file/cache", line)
+                                         for line in lines), lines
 
 
 def test_absent_data_is_not_checked_unless_strict_and_strict_says_what_run_says(tmp_path, capsys):

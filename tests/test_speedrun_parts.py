@@ -5,6 +5,7 @@ initialisation and the per-step hook."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -141,7 +142,7 @@ def test_tta_evaluates_every_image_once_and_changes_the_logits_not_the_count(tmp
     run = cnnreg.build(cnnreg.load_recipe(tiny_recipe(tmp_path, trainer__epochs=3)))
     cnnreg.fit(run)
     plain = cnnreg.evaluate(run, "test")
-    with_tta = cnnreg.evaluate(engine.replace(run, eval_transforms=run.eval_transforms + (tta(translate=1),)), "test")
+    with_tta = cnnreg.evaluate(dataclasses.replace(run, eval_transforms=run.eval_transforms + (tta(translate=1),)), "test")
     assert sum(with_tta.per_class["support"]) == sum(plain.per_class["support"]) == 48
     assert with_tta.metrics["accuracy"] > 0.6
     assert with_tta.metrics["loss"] != plain.metrics["loss"]
