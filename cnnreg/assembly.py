@@ -267,25 +267,43 @@ def load_data(recipe: RecipeBase, fold: int | None = None, *, absent_ok: bool = 
     """
     data = instantiate(recipe, "dataset", ("data",), recipe.data, absent_ok=absent_ok)
     _check_labels(recipe, data)  # before any split is carved by label
+    data = carve(recipe, data, fold)
     options = recipe.data
-    cv = recipe.cross_validation
-    if fold is not None:
-        if cv is None:
-            raise RecipeError([recipe.problem(("cross_validation",), "a fold was asked for but the recipe has no "
-                                              "cross_validation section")])
-        folds = splits.kfold(data.train.labels, cv.folds, recipe.seed if cv.seed is None else cv.seed, cv.stratified)
-        train_index, val_index = folds[fold]
-        data = replace(data, train=data.train.select(train_index), val=data.train.select(val_index))
-    elif data.val is None and options.val_fraction > 0:
-        data = splits.with_validation(data, options.val_fraction, recipe.seed)
-    if options.subset is not None:
-        data = replace(data, train=splits.subset(data.train, options.subset, recipe.seed))
     if data.mean is None or data.std is None:
         mean, std = splits.channel_stats(data.train, size=data.image_size, fit=data.fit)
         data = replace(data, mean=tuple(mean), std=tuple(std))
     channels = options.channels or data.channels
     if channels != data.channels:
         data = replace(data, mean=_convert_stats(data.mean, channels), std=_convert_stats(data.std, channels))
+    return data
+
+
+def carve(recipe: RecipeBase, data: DataSource, fold: int | None = None) -> DataSource:
+    """The recipe's splits of the data: a k-fold fold, or a validation split carved
+    from train when the data has none, then a subset of train.
+
+    Only labels are read, so validate carves a description's labels with
+    the same calls (the same counts, warnings and errors)."""
+    options = recipe.data
+    cv = recipe.cross_validation
+    try:
+        if fold is not None:
+            if cv is None:
+                raise RecipeError([recipe.problem(("cross_validation",), "a fold was asked for but the recipe has no "
+                                                  "cross_validation section")])
+            folds = splits.kfold(data.train.labels, cv.folds, recipe.seed if cv.seed is None else cv.seed,
+                                 cv.stratified)
+            train_index, val_index = folds[fold]
+            data = replace(data, train=data.train.select(train_index), val=data.train.select(val_index))
+        elif data.val is None and options.val_fraction > 0:
+            data = splits.with_validation(data, options.val_fraction, recipe.seed)
+        if options.subset is not None:
+            data = replace(data, train=splits.subset(data.train, options.subset, recipe.seed))
+    except (UserError, ValueError) as exc:
+        if isinstance(exc, RecipeError):
+            raise
+        where = ("cross_validation", "folds") if fold is not None else ("data",)
+        raise RecipeError([recipe.problem(where, str(exc))]) from None
     return data
 
 
@@ -342,7 +360,19 @@ def _train_batch_count(recipe: RecipeBase, info: DatasetInfo, data: DataSource |
 
 
 def _train_count(recipe: RecipeBase, info: DatasetInfo, fold: int | None) -> int | None:
-    """The training split's size after the recipe's carving, from a description (as :func:`load_data` carves)."""
+    """The training split's size after the recipe's carving, from a description.
+
+    With the description's labels, by :func:`carve` itself (the first fold
+    stands for a k-fold run); with split sizes only, by the same arithmetic.
+    """
+    if info.labels is not None and "train" in info.labels:
+        if fold is None and recipe.cross_validation is not None:
+            fold = 0
+        carved = carve(recipe, DataSource(
+            train=_labels_only(info.labels["train"]), val=_labels_only(info.labels.get("val")),
+            test=_labels_only(info.labels.get("test")), classes=info.classes, image_size=info.image_size,
+            channels=info.channels), fold)
+        return len(carved.train)
     sizes = info.split_sizes
     if not sizes or "train" not in sizes:
         return None
@@ -360,6 +390,13 @@ def _train_count(recipe: RecipeBase, info: DatasetInfo, fold: int | None) -> int
     elif isinstance(subset, int):
         n = min(subset, n)
     return n
+
+
+def _labels_only(labels: torch.Tensor | None) -> ImageSplit | None:
+    # zero-sized images: a split :func:`carve` can select from, which holds nothing but its labels
+    if labels is None or len(labels) == 0:
+        return None
+    return ImageSplit(labels=labels, images=torch.empty((len(labels), 0, 0, 0), dtype=torch.uint8))
 
 
 def _convert_stats(stats: tuple[float, ...] | None, channels: int) -> tuple[float, ...] | None:

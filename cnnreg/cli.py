@@ -49,8 +49,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     err = Console(stderr=True, highlight=False, soft_wrap=True)
-    previous = warnings.showwarning
-    warnings.showwarning = _warning_printer(err)
+    with warnings.catch_warnings():
+        # Each command shows each warning once (a fresh filter also forgets what an earlier
+        # command in this process showed), as one line without Python's source quote.
+        warnings.filterwarnings("default", category=UserWarning)
+        warnings.showwarning = _warning_printer(err)
+        return _run_command(args, err)
+
+
+def _run_command(args: argparse.Namespace, err: Console) -> int:
     try:
         return int(args.func(args) or 0)
     except RecipeError as exc:
@@ -77,8 +84,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             err.print(_escape(str(exc)))
             return exc.exit_code
         raise
-    finally:
-        warnings.showwarning = previous
 
 
 def _warning_printer(err: Console) -> Callable[..., None]:

@@ -148,6 +148,9 @@ class DatasetInfo:
     mixed_sizes: bool = False
     #: images per split, when known without loading (steps per epoch follow from it)
     split_sizes: Mapping[str, int] | None = None
+    #: each split's int64 labels, when known without loading: validation
+    #: splits, subsets and folds are then carved exactly as the run carves them
+    labels: Mapping[str, torch.Tensor] | None = None
     #: what could not be checked without loading, or because something is absent
     unchecked: tuple[str, ...] = ()
     #: what the run will warn about (unreadable files it will skip, ...)

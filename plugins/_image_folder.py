@@ -135,21 +135,23 @@ def _cache_dir(cache: bool, cache_dir: Path | None) -> Path | None:
     return Path(cache_dir).expanduser() if cache_dir is not None else imagefiles.default_cache_dir()
 
 
-def describe_imagefolder(root: Path, size=None, channels=None, test_fraction: float = 0.0,
+def describe_imagefolder(root: Path, size=None, channels=None, test_fraction: float = 0.0, seed: int = 0,
                          bad_images: str = "skip", cache: bool = True, cache_dir: Path | None = None,
                          **_: object) -> DatasetInfo:
     """The folder's classes, sizes and split sizes from its plan; nothing is decoded."""
     plan = plan_folder(root, channels, test_fraction, bad_images, _cache_dir(cache, cache_dir))
     pair = _pair(size)
-    counts = {name: plan.readable(name) for name in plan.listings if plan.readable(name)}
-    if "test" not in counts and test_fraction > 0:
-        counts["test"] = max(1, round(counts["train"] * test_fraction))
-        counts["train"] -= counts["test"]
+    labels = {name: listing.labels[plan.headers[name].good] for name, listing in plan.listings.items()
+              if plan.readable(name)}
+    if "test" not in labels and test_fraction > 0:  # as the loaded folder is split
+        kept, held = stratified_split(labels["train"], max(1, round(len(labels["train"]) * test_fraction)), seed)
+        labels.update(train=labels["train"][kept], test=labels["train"][held])
     return DatasetInfo(classes=plan.listings["train"].classes,
                        image_size=pair or plan.common_size or plan.median_size,
-                       channels=plan.channels, splits=tuple(counts),
+                       channels=plan.channels, splits=tuple(labels),
                        mixed_sizes=pair is None and plan.common_size is None,
-                       split_sizes=counts, warnings=plan.warnings, scanned=(("root", plan.root),))
+                       split_sizes={name: len(split) for name, split in labels.items()}, labels=labels,
+                       warnings=plan.warnings, scanned=(("root", plan.root),))
 
 
 @describes(describe_imagefolder)
