@@ -69,6 +69,16 @@ def cnnreg_datasets() -> Factories:
         :class:`cnnreg.data.DataSource`: the splits it has (train, and val or
         test when the source defines them), the class names, the image size
         and channels, and optionally the per-channel mean and std.
+
+    A factory that raises :class:`cnnreg.errors.Unavailable` (or
+    ``FileNotFoundError``) when its files are not there lets ``cnnreg
+    validate`` check the rest of a recipe without them. One decorated with
+    :func:`cnnreg.data.describes` is only described by validate (and by the
+    run before it loads): its ``DatasetInfo`` may say that the images differ
+    in size (the run then picks the factory's ``size`` parameter from the
+    model's preprocessing), give the splits' labels (validation splits,
+    subsets and folds are then carved exactly), and the folders whose whole
+    tree is read (the run's output must not go inside them).
     """
 
 

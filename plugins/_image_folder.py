@@ -107,7 +107,7 @@ def plan_folder(root: Path, channels: int | None, test_fraction: float, bad_imag
                         'or set "bad_images": "skip" to leave such files out')
     readable = torch.bincount(train.labels[headers["train"].good], minlength=len(train.classes))
     lost = (readable == 0).nonzero().flatten().tolist()
-    if len(train.files) and lost:
+    if lost:
         raise UserError(f"every image of class {_names([train.classes[i] for i in lost])} in {train.folder} is "
                         f"unreadable (first: {_first_bad(headers['train'], train, lost[0])}); fix or remove them")
     if bad:
