@@ -51,7 +51,8 @@ def _mode() -> str:
 def step(description: str, total: int | None = None, unit: str = "files") -> Iterator[Advance]:
     """A step of ``total`` items (``None`` when unknown); call the yielded function with each batch done.
 
-    An empty ``unit`` is a step without a count: only its time is shown.
+    An empty ``unit`` is a step without a count: only its time is shown;
+    "bytes" shows sizes and transfer rates (a download).
     """
     mode = _mode()
     if mode == "off":
@@ -91,6 +92,10 @@ def _plain_step(description: str, total: int | None, unit: str) -> Iterator[Adva
         when = f"{'done in' if finished else 'running for'} {elapsed:.1f}s"
         if not unit:  # a step without a count: how long it took
             return f"{description}: {when}"
+        if unit == "bytes":
+            count = size_text(done) + (f" of {size_text(total)}" if total is not None and not finished else "")
+            rate = f", {size_text(round(done / elapsed))}/s" if elapsed > 0 else ""
+            return f"{description}: {count}, {when}{rate}"
         count = f"{done:,}" + (f"/{total:,}" if total is not None and not finished else "")
         rate = f", {done / elapsed:,.0f} {unit}/s" if elapsed > 0 else ""
         return f"{description}: {count} {unit}, {when}{rate}"
@@ -112,8 +117,8 @@ def _plain_step(description: str, total: int | None, unit: str) -> Iterator[Adva
 @contextlib.contextmanager
 def _rich_step(description: str, total: int | None, unit: str) -> Iterator[Advance]:
     from rich.console import Console
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, SpinnerColumn, Task,
-                               TextColumn, TimeRemainingColumn)
+    from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progress, ProgressColumn, SpinnerColumn,
+                               Task, TextColumn, TimeRemainingColumn, TransferSpeedColumn)
     from rich.text import Text
 
     class Rate(ProgressColumn):
@@ -121,7 +126,9 @@ def _rich_step(description: str, total: int | None, unit: str) -> Iterator[Advan
             return Text(f"{task.speed:,.0f} {unit}/s" if task.speed else "", style="progress.data.speed")
 
     columns: list[ProgressColumn] = [SpinnerColumn(), TextColumn("{task.description}")]
-    if total is not None:
+    if unit == "bytes":
+        columns += [BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn()]
+    elif total is not None:
         columns += [BarColumn(), MofNCompleteColumn(), Rate(), TimeRemainingColumn()]
     elif unit:
         columns += [TextColumn("{task.completed:,.0f} " + unit), Rate()]

@@ -27,12 +27,14 @@ from typing import Annotated, Literal
 import torch
 from pydantic import Field
 from torchvision import datasets as tvd
-from torchvision.datasets.utils import check_integrity, download_and_extract_archive
+from torchvision.datasets.utils import check_integrity, extract_archive
 
+from cnnreg import preparation
 from cnnreg.data import DatasetInfo, DataSource, ImageSplit, describes
 from cnnreg.errors import Unavailable, UserError
 from cnnreg.hookspecs import hookimpl
 from cnnreg.splits import channel_stats, convert_channels
+from cnnreg_plugins._download import fetch
 from cnnreg_plugins._image_folder import imagefolder
 
 # Per-channel mean and std of each training set (the values the literature uses).
@@ -137,7 +139,9 @@ def _cifar(cls, title, weight, root, download, verify, mean, std) -> DataSource:
     missing, corrupt = problems()
     if (missing or corrupt) and download:
         try:
-            download_and_extract_archive(cls.url, str(root), filename=cls.filename, md5=cls.tgz_md5)
+            archive = fetch(cls.url, root / cls.filename, md5=cls.tgz_md5, title=title)
+            with preparation.step(f"extracting {archive.name}", unit=""):
+                extract_archive(str(archive), str(root))
         except Exception as e:  # noqa: BLE001 - network and archive errors of every kind
             raise UserError(
                 f"downloading {title} from {cls.url} into {root} failed ({type(e).__name__}: {e}); "
@@ -237,7 +241,7 @@ def _mnist_like(cls, title, root, download, mean, std) -> DataSource:
     folder, found = _find_idx_files(cls, root)
     if found is None and download:
         try:
-            cls(str(root), train=True, download=True)  # torchvision fetches and unpacks into root/<Name>/raw
+            _fetch_idx_files(cls, title, root / cls.__name__ / "raw")
         except Exception as e:  # noqa: BLE001 - network and archive errors of every kind
             raise UserError(
                 f"downloading {title} into {root / cls.__name__ / 'raw'} failed ({type(e).__name__}: {e}); "
@@ -280,6 +284,20 @@ def _mnist_like(cls, title, root, download, mean, std) -> DataSource:
         mean=mean,
         std=std,
     )
+
+
+def _fetch_idx_files(cls, title: str, raw: Path) -> None:
+    """The four gzipped idx files into torchvision's raw folder, each from the first mirror that has it."""
+    for filename, md5 in cls.resources:
+        errors = []
+        for mirror in cls.mirrors:
+            try:
+                fetch(f"{mirror}{filename}", raw / filename, md5=md5, title=f"{title} {filename}")
+                break
+            except OSError as e:
+                errors.append(f"{mirror}: {e}")
+        else:
+            raise OSError("; ".join(errors))
 
 
 def _find_idx_files(cls, root: Path) -> tuple[Path, dict[str, Path] | None]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -473,3 +474,81 @@ def test_synthetic_is_learnable_but_not_from_mean_colour():
     chance = 1 / 6
     assert by_colour < 0.4
     assert by_cnn > 0.45 and by_cnn > by_colour + 0.15, (by_cnn, by_colour, chance)
+
+
+# -- downloads, from a real HTTP server on localhost --------------------------------------------
+
+
+@pytest.fixture
+def http_folder(tmp_path):
+    """A folder served over HTTP on localhost; yields (folder, base URL)."""
+    import functools
+    import http.server
+    import threading
+
+    served = tmp_path / "served"
+    served.mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield served, f"http://127.0.0.1:{server.server_address[1]}/"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _md5(path: Path) -> str:
+    import hashlib
+
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def test_cifar_download_fetches_the_archive_with_progress_and_extracts_it(tmp_path, http_folder, monkeypatch, capsys):
+    import tarfile
+
+    from cnnreg import preparation
+    from torchvision import datasets as tvd
+
+    served, url = http_folder
+    written = write_cifar(tmp_path / "source", train_per_class=2, test_per_class=1)
+    archive = served / "cifar-10-python.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(tmp_path / "source" / "cifar-10-batches-py", arcname="cifar-10-batches-py")
+    monkeypatch.setattr(tvd.CIFAR10, "url", url + archive.name)
+    monkeypatch.setattr(tvd.CIFAR10, "tgz_md5", _md5(archive))
+    monkeypatch.setattr(preparation, "PLAIN_AFTER", 0.0)
+    with preparation.reporting("plain"):
+        source = cifar10(root=tmp_path / "data", download=True, verify=False)
+    assert torch.equal(source.train.labels, torch.as_tensor(written["train"][1]))
+    err = capsys.readouterr().err
+    assert re.search(r"downloading CIFAR-10: [\d.]+ kB, done in \d+\.\ds, [\d.]+ (kB|MB)/s", err), err
+    assert "downloaded CIFAR-10: " in err and not list((tmp_path / "data").glob("*.part"))
+
+
+def test_a_damaged_download_is_refused_and_leaves_nothing_behind(tmp_path, http_folder, monkeypatch):
+    from torchvision import datasets as tvd
+
+    served, url = http_folder
+    (served / "cifar-10-python.tar.gz").write_bytes(b"not the archive")
+    monkeypatch.setattr(tvd.CIFAR10, "url", url + "cifar-10-python.tar.gz")
+    with pytest.raises(UserError, match=r"downloading CIFAR-10 from .* failed .*MD5.*without a network, put the files"):
+        cifar10(root=tmp_path / "data", download=True)
+    assert list((tmp_path / "data").iterdir()) == []
+
+
+def test_mnist_download_tries_the_next_mirror(tmp_path, http_folder, monkeypatch):
+    from torchvision import datasets as tvd
+
+    served, url = http_folder
+    written = write_mnist(tmp_path / "source", train=20, test=10)
+    (served / "second").mkdir()
+    for path in (tmp_path / "source" / "MNIST" / "raw").iterdir():
+        (served / "second" / path.name).write_bytes(path.read_bytes())
+    resources = [(name, _md5(served / "second" / name)) for name, _ in tvd.MNIST.resources]
+    monkeypatch.setattr(tvd.MNIST, "mirrors", [url + "first/", url + "second/"])  # the first answers 404
+    monkeypatch.setattr(tvd.MNIST, "resources", resources)
+    source = mnist(root=tmp_path / "data", download=True)
+    assert torch.equal(source.test.labels, torch.as_tensor(written["test"][1]))
