@@ -19,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 
 import cnnreg  # noqa: E402
-from cnnreg import checkpoint  # noqa: E402
+from cnnreg.core import checkpoint
 from cnnreg.cli import parse_overrides  # noqa: E402
 from _common import data_overrides  # noqa: E402
 

@@ -19,10 +19,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 
 from _common import Stopwatch  # noqa: E402
-from cnnreg.batches import make_batches  # noqa: E402
+from cnnreg.inputs.batches import make_batches  # noqa: E402
 from cnnreg_plugins.datasets import imagefolder  # noqa: E402
 from cnnreg_plugins.transforms import normalize, random_crop, random_horizontal_flip  # noqa: E402
-from cnnreg.data import DataContext  # noqa: E402
+from cnnreg.core.data import DataContext  # noqa: E402
 
 
 def measure(data: Path, batch_sizes=(128, 512), epochs: int = 3) -> list[dict]:

@@ -5,7 +5,7 @@ processes, resize each to the same size (Pillow, bilinear) and deliver
 uint8 batches of the same size, shuffled:
 
 * cnnreg: ``imagefolder`` with ``max_memory_gb`` 0 (the files stay on
-  disk) and the run's own batches (``cnnreg.batches.make_batches``);
+  disk) and the run's own batches (``cnnreg.inputs.batches.make_batches``);
 * torchvision: ``ImageFolder`` with ``Resize((h, w))`` + ``PILToTensor()``
   in a ``DataLoader`` (shuffle, the same workers and batch size).
 
@@ -27,7 +27,7 @@ import torch
 
 
 def cnnreg_loader(root: Path, size: int, batch_size: int, workers: int):
-    from cnnreg.batches import make_batches
+    from cnnreg.inputs.batches import make_batches
     from cnnreg_plugins.datasets import imagefolder
 
     source = imagefolder(root=root, size=size, max_memory_gb=0, cache=False)

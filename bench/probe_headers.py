@@ -40,7 +40,7 @@ def main() -> None:
     parser.add_argument("--copies", type=int, default=1)
     parser.add_argument("--scratch", type=Path, default=Path(tempfile.gettempdir()) / "cnnreg-probe-bench")
     args = parser.parse_args()
-    from cnnreg import imagefiles
+    from cnnreg.inputs import imagefiles
     from cnnreg_plugins._image_folder import plan_folder
 
     root = linked_copies(args.root, args.scratch / "folder", args.copies) if args.copies > 1 else args.root

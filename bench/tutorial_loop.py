@@ -31,8 +31,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import cnnreg  # noqa: E402
 from _common import Stopwatch, data_overrides  # noqa: E402
-from cnnreg.batches import make_batches  # noqa: E402
-from cnnreg.data import DataContext  # noqa: E402
+from cnnreg.inputs.batches import make_batches  # noqa: E402
+from cnnreg.core.data import DataContext  # noqa: E402
 from cnnreg_plugins.datasets import imagefolder  # noqa: E402
 from cnnreg_plugins.transforms import normalize, random_crop, random_horizontal_flip  # noqa: E402
 from cnnreg_plugins.tutorial_models import tutorial_cnn  # noqa: E402

@@ -24,34 +24,36 @@ from __future__ import annotations
 
 from typing import Any
 
-from cnnreg.hookspecs import hookimpl
-from cnnreg.plugins import plugin_manager
-from cnnreg.recipe import load_recipe
+from cnnreg.config.recipe import load_recipe
+from cnnreg.plugin.hookspecs import hookimpl
+from cnnreg.plugin.manager import plugin_manager
 
 __all__ = [
     "hookimpl", "plugin_manager", "load_recipe", "validate", "build", "fit", "evaluate", "predict",
     "cross_validate", "load_run", "load_predictor", "Family", "DataSource", "ImageSplit", "DataContext",
-    "UserError", "RecipeError",
+    "DatasetInfo", "describes", "UserError", "RecipeError", "Unavailable",
 ]
 
 # The engine imports torch; keep `import cnnreg` (and so `cnnreg ls`) light
 # until one of these is used.
 _LAZY = {
-    "build": "cnnreg.engine", "fit": "cnnreg.engine", "evaluate": "cnnreg.engine", "predict": "cnnreg.prediction",
-    "cross_validate": "cnnreg.crossval", "load_run": "cnnreg.runs", "load_predictor": "cnnreg.runs",
-    "Family": "cnnreg.registry", "DataSource": "cnnreg.data", "ImageSplit": "cnnreg.data",
-    "DataContext": "cnnreg.data", "UserError": "cnnreg.errors", "RecipeError": "cnnreg.errors",
+    "build": "cnnreg.assemble.build", "fit": "cnnreg.engine.loop", "evaluate": "cnnreg.engine.loop",
+    "predict": "cnnreg.workflows.predict", "cross_validate": "cnnreg.workflows.crossval",
+    "load_run": "cnnreg.workflows.predict", "load_predictor": "cnnreg.workflows.predict",
+    "Family": "cnnreg.plugin.catalog", "DataSource": "cnnreg.core.data", "ImageSplit": "cnnreg.core.data",
+    "DataContext": "cnnreg.core.data", "DatasetInfo": "cnnreg.core.data", "describes": "cnnreg.core.data",
+    "UserError": "cnnreg.core.errors", "RecipeError": "cnnreg.core.errors", "Unavailable": "cnnreg.core.errors",
 }
 
 
 def validate(source: Any, *, strict: bool = False, **kwargs: Any) -> Any:
     """Load a recipe (a path or a dict) and check it as ``run`` assembles it, on the CPU.
 
-    :returns: a :class:`cnnreg.validation.Validation`: a one-line summary, the
+    :returns: a :class:`cnnreg.workflows.validation.Validation`: a one-line summary, the
         defaults the run will choose, what could not be checked here, warnings.
     :raises RecipeError: with every problem found, located in the file.
     """
-    from cnnreg.validation import validate_recipe
+    from cnnreg.workflows.validation import validate_recipe
 
     return validate_recipe(load_recipe(source, **kwargs), strict=strict)
 

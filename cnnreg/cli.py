@@ -17,7 +17,8 @@ from typing import Any, Callable, Sequence
 from rich.console import Console
 from rich.table import Table
 
-from cnnreg.errors import RecipeError, UserError
+from cnnreg.core.errors import RecipeError, UserError
+from cnnreg.core.version import version
 
 EXAMPLES = """\
 examples:
@@ -67,7 +68,7 @@ def _run_command(args: argparse.Namespace, err: Console) -> int:
         err.print(f"{count} error{'s' if count != 1 else ''}; nothing was run")
         return 2
     except UserError as exc:
-        from cnnreg.engine import TrainingStopped
+        from cnnreg.core.stops import TrainingStopped
 
         if isinstance(exc, TrainingStopped):
             err.print(f"[bold red]training stopped[/]: {_escape(str(exc))}")
@@ -78,7 +79,7 @@ def _run_command(args: argparse.Namespace, err: Console) -> int:
         err.print("interrupted")
         return 130
     except Exception as exc:  # noqa: BLE001 - the last resort for interruptions raised as exceptions
-        from cnnreg.engine import Interrupted
+        from cnnreg.core.stops import Interrupted
 
         if isinstance(exc, Interrupted):
             err.print(_escape(str(exc)))
@@ -100,7 +101,7 @@ def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cnnreg", description="Train convolutional networks from JSON recipes, with plugins.",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--disable", action="append", default=[], metavar="PLUGIN",
                         help="block a plugin by name (repeatable)")
@@ -170,8 +171,8 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
-    from cnnreg.plugins import plugin_manager
-    from cnnreg.registry import KINDS, PLURALS, build_catalog
+    from cnnreg.plugin.manager import plugin_manager
+    from cnnreg.plugin.catalog import KINDS, PLURALS, build_catalog
 
     kind = None
     if args.kind:
@@ -204,9 +205,9 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
-    from cnnreg.plugins import plugin_manager
-    from cnnreg.recipe import json_schema
-    from cnnreg.registry import build_catalog
+    from cnnreg.plugin.manager import plugin_manager
+    from cnnreg.config.recipe import json_schema
+    from cnnreg.plugin.catalog import build_catalog
 
     text = json.dumps(json_schema(build_catalog(plugin_manager(disable=args.disable))), indent=2)
     if args.output:
@@ -217,8 +218,8 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from cnnreg.recipe import load_recipe
-    from cnnreg.validation import validate_recipe
+    from cnnreg.config.recipe import load_recipe
+    from cnnreg.workflows.validation import validate_recipe
 
     problems: list[Any] = []
     console = Console(highlight=False, soft_wrap=True)
@@ -246,7 +247,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     if args.nproc:
         return _launch_distributed(args)
-    from cnnreg import distributed
+    from cnnreg.core import distributed
 
     try:
         return _run(args)
@@ -255,8 +256,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from cnnreg.engine import build, fit
-    from cnnreg.recipe import load_recipe
+    from cnnreg.assemble.build import build
+    from cnnreg.engine.loop import fit
+    from cnnreg.config.recipe import load_recipe
 
     overrides = parse_overrides(args.overrides)
     if args.output_dir is not None:
@@ -281,7 +283,7 @@ def _run(args: argparse.Namespace) -> int:
         raise UserError(f"{args.recipe} has a sweep section: run it with `cnnreg sweep {args.recipe}`, "
                         "or remove the section (or --set sweep=null) to train it once")
     if recipe.cross_validation is not None:
-        from cnnreg.crossval import cross_validate
+        from cnnreg.workflows.crossval import cross_validate
 
         cross_validate(recipe, device=args.device)
         return 0
@@ -291,8 +293,8 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from cnnreg import distributed
-    from cnnreg.sweep import run_sweep
+    from cnnreg.core import distributed
+    from cnnreg.workflows.sweep import run_sweep
 
     overrides = parse_overrides(args.overrides)
     if args.output_dir is not None:
@@ -308,8 +310,9 @@ def cmd_runs(args: argparse.Namespace) -> int:
     root = args.dir
     if not root.is_dir():
         raise UserError(f"{root} is not a folder; give the folder that holds run directories (default ./runs)")
-    rows = [describe_run(path.parent) for path in root.rglob("run.json")]
-    rows.sort(key=lambda r: (r["created"], r["name"]))
+    from cnnreg.runs.listing import find_runs
+
+    rows = find_runs(root)
     console = Console(highlight=False, soft_wrap=True)
     if not rows:
         console.print(f"no runs under {_escape(str(root))}")
@@ -324,52 +327,10 @@ def cmd_runs(args: argparse.Namespace) -> int:
     return 0
 
 
-def describe_run(run_dir: Path) -> dict[str, str]:
-    """One row of ``cnnreg runs``, from run.json and summary.json; damaged or missing files show as such."""
-    info = _read_json(run_dir / "run.json") or {}
-    recipe = info.get("recipe") or {}
-    summary = _read_json(run_dir / "summary.json")
-    planned = (recipe.get("trainer") or {}).get("epochs", "?")
-    created = str(info.get("created", ""))
-    row = {"name": recipe.get("name", run_dir.name), "created": created, "date": created.replace("T", " "),
-           "path": str(run_dir)}
-    if summary is None:
-        done = _epochs_logged(run_dir)
-        row.update(epochs=f"{done if done is not None else '?'}/{planned}", best="", stopped="running or interrupted")
-        return row
-    monitor, epoch = summary.get("monitor"), summary.get("best_epoch")
-    value = (summary.get("best") or {}).get(monitor)
-    best = f"{monitor}={value:.4g} at epoch {epoch}" if isinstance(value, (int, float)) else "none"
-    row.update(epochs=f"{summary.get('epochs_run', '?')}/{planned}", best=best, stopped=str(summary.get("stopped", "")))
-    return row
-
-
-def _epochs_logged(run_dir: Path) -> int | None:
-    """Epochs an unfinished run has logged to metrics.jsonl (when the metrics logger ran)."""
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return None
-    epochs = set()
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            epochs.add(json.loads(line)["epoch"])
-        except (json.JSONDecodeError, KeyError, TypeError):
-            continue  # a line cut by a crash
-    return len(epochs)
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from cnnreg.engine import evaluate
-    from cnnreg.runs import load_run
-    from cnnreg.report import print_evaluation
+    from cnnreg.engine.loop import evaluate
+    from cnnreg.workflows.predict import load_run
+    from cnnreg.core.tables import print_evaluation
 
     run = load_run(args.run_dir, checkpoint=args.checkpoint, device=args.device, disable=args.disable)
     result = evaluate(run, args.split)
@@ -378,8 +339,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from cnnreg.prediction import predict
-    from cnnreg.runs import load_predictor
+    from cnnreg.workflows.predict import predict
+    from cnnreg.workflows.predict import load_predictor
 
     run = load_predictor(args.run_dir, checkpoint=args.checkpoint, device=args.device, disable=args.disable)
     predictions = predict(run, args.images, top_k=args.top_k)
@@ -404,8 +365,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from cnnreg.export import export
-    from cnnreg.runs import load_predictor
+    from cnnreg.workflows.export import export
+    from cnnreg.workflows.predict import load_predictor
 
     predictor = load_predictor(args.run_dir, checkpoint=args.checkpoint, device="cpu", disable=args.disable)
     path, error = export(predictor, args.format, args.output, args.run_dir)
@@ -464,15 +425,6 @@ def _escape(text: str) -> str:
     from rich.markup import escape
 
     return escape(text)
-
-
-def _version() -> str:
-    from importlib import metadata
-
-    try:
-        return metadata.version("cnnreg-framework")
-    except metadata.PackageNotFoundError:
-        return "unknown"
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -2,7 +2,7 @@
 
 torchvision's own download draws a tqdm bar, which in a log file becomes
 one line rewritten thousands of times; this one goes through
-:mod:`cnnreg.preparation` (a rich bar with size, rate and time left on a
+:mod:`cnnreg.core.progress` (a rich bar with size, rate and time left on a
 terminal, a few lines in a log), writes to a ``.part`` file renamed only
 once the checksum holds, and leaves an archive already in place alone.
 """
@@ -16,7 +16,7 @@ from pathlib import Path
 
 from torchvision.datasets.utils import check_integrity
 
-from cnnreg import preparation
+from cnnreg.core import progress as preparation
 
 CHUNK = 1 << 20
 

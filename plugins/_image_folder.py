@@ -18,10 +18,10 @@ from typing import Annotated, Literal
 import torch
 from pydantic import Field
 
-from cnnreg import imagefiles
-from cnnreg.data import DatasetInfo, DataSource, ImageSplit, describes
-from cnnreg.errors import Unavailable, UserError
-from cnnreg.splits import channel_stats, convert_channels, stratified_split
+from cnnreg.inputs import imagefiles
+from cnnreg.core.data import DatasetInfo, DataSource, ImageSplit, describes
+from cnnreg.core.errors import Unavailable, UserError
+from cnnreg.inputs.splits import channel_stats, convert_channels, stratified_split
 
 Pixels = Annotated[int, Field(ge=1)]
 SPLITS = ("train", "val", "test")
@@ -35,7 +35,7 @@ class FolderPlan:
     :param root: the folder.
     :param listings: the listing of each split present.
     :param headers: the headers of each split's files.
-    :param digests: each split's :func:`~cnnreg.imagefiles.files_digest`, when caching.
+    :param digests: each split's :func:`~cnnreg.inputs.imagefiles.files_digest`, when caching.
     :param channels: 1 when every readable image is grayscale, else 3 (or the recipe's).
     :param common_size: ``(H, W)`` when every readable image has it, else ``None``.
     :param median_size: the median height and width of the readable images.

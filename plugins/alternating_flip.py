@@ -11,7 +11,7 @@ Which images start flipped depends only on their index in the split and a
 seed, through an integer hash computed on the device: nothing is stored per
 image and nothing is read back to the host, and a resumed run, or another
 rank of a data-parallel one, flips exactly the same images. The engine passes
-each sample's index and the epoch (see :mod:`cnnreg.forward`); where it has
+each sample's index and the epoch (see :mod:`cnnreg.inputs.prepare`); where it has
 none (a preview of the augmentations), the flip is an ordinary random one.
 """
 
@@ -21,7 +21,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from cnnreg.hookspecs import hookimpl
+from cnnreg.plugin.hookspecs import hookimpl
 
 _MULTIPLIER = 2654435761  # Knuth's multiplicative hash: odd and near 2**32 / golden ratio
 _MODULUS = 2**32

@@ -31,14 +31,14 @@ from typing import TYPE_CHECKING, Annotated, Any, Callable, Literal, Mapping, Se
 import torch
 from pydantic import Field
 
-from cnnreg import checkpoint as ckpt
-from cnnreg.hookspecs import hookimpl
-from cnnreg.records import EpochRecord, EvalResult, FitResult
-from cnnreg.report import format_value
+from cnnreg.core import checkpoint as ckpt
+from cnnreg.plugin.hookspecs import hookimpl
+from cnnreg.core.records import EpochRecord, EvalResult, FitResult
+from cnnreg.core.tables import format_value
 from cnnreg_plugins.plots import confusion_figure, last_evaluation
 
 if TYPE_CHECKING:  # pragma: no cover
-    from cnnreg.engine import Run
+    from cnnreg.core.run import Run
 
 Mode = Literal["min", "max"]
 LAST_WEIGHTS = "last.safetensors"
@@ -56,7 +56,7 @@ def warn(message: str) -> None:
 
 def infer_mode(metric: str) -> Mode:
     """The engine's rule: losses, errors, times and rates are better low."""
-    from cnnreg.records import infer_mode as engine_infer_mode
+    from cnnreg.core.records import infer_mode as engine_infer_mode
 
     return engine_infer_mode(metric)  # type: ignore[return-value]
 
@@ -561,13 +561,13 @@ def augmented_grid(run: Run, count: int = 32) -> torch.Tensor:
     """
     from torchvision.utils import make_grid
 
-    from cnnreg.engine import prepare
+    from cnnreg.inputs.prepare import prepare_batch
 
     # The preview must not move the random streams training uses.
     devices = [run.device.index or 0] if run.device.type != "cpu" else []
     with torch.random.fork_rng(devices=devices, device_type=run.device.type if devices else "cuda"), torch.no_grad():
         images, _ = next(iter(run.batches["train"]))
-        x = prepare(run, images[:count], run.train_transforms).float()
+        x = prepare_batch(images[:count], run.train_transforms, channels_last=False)
         for transform in reversed(run.train_transforms):
             mean, std = getattr(transform, "mean", None), getattr(transform, "std", None)
             if _numbers(mean) and _numbers(std):

@@ -29,11 +29,11 @@ from pydantic import Field
 from torchvision import datasets as tvd
 from torchvision.datasets.utils import check_integrity, extract_archive
 
-from cnnreg import preparation
-from cnnreg.data import DatasetInfo, DataSource, ImageSplit, describes
-from cnnreg.errors import Unavailable, UserError
-from cnnreg.hookspecs import hookimpl
-from cnnreg.splits import channel_stats, convert_channels
+from cnnreg.core import progress as preparation
+from cnnreg.core.data import DatasetInfo, DataSource, ImageSplit, describes
+from cnnreg.core.errors import Unavailable, UserError
+from cnnreg.plugin.hookspecs import hookimpl
+from cnnreg.inputs.splits import channel_stats, convert_channels
 from cnnreg_plugins._download import fetch
 from cnnreg_plugins._image_folder import imagefolder
 

@@ -27,8 +27,8 @@ from typing import Annotated, Mapping
 import torch
 from pydantic import Field
 
-from cnnreg.hookspecs import hookimpl
-from cnnreg.records import Metric, Tally
+from cnnreg.plugin.hookspecs import hookimpl
+from cnnreg.core.records import Metric, Tally
 
 
 def accuracy() -> Metric:

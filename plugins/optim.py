@@ -16,7 +16,7 @@ decay them.
 On CUDA the fused implementation is used where torch has one for the
 optimizer, else torch's default (foreach on CUDA).
 
-Schedules return :class:`cnnreg.records.Schedule`. Those of time alone
+Schedules return :class:`cnnreg.core.records.Schedule`. Those of time alone
 (cosine, step, multistep, exponential) step per epoch by default, or per
 optimizer step with ``interval="step"``; all of them, and reduce_on_plateau,
 can start with a linear warm-up of ``warmup_epochs`` epochs from
@@ -51,8 +51,8 @@ from torch.optim.lr_scheduler import (
     StepLR,
 )
 
-from cnnreg.hookspecs import hookimpl
-from cnnreg.records import Schedule, infer_mode
+from cnnreg.plugin.hookspecs import hookimpl
+from cnnreg.core.records import Schedule, infer_mode
 
 ParamGroups = list[dict[str, Any]]
 LearningRate = Annotated[float, Field(gt=0)]

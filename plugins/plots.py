@@ -17,14 +17,14 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
-from cnnreg import checkpoint
-from cnnreg.hookspecs import hookimpl
-from cnnreg.records import EpochRecord, EvalResult, FitResult
+from cnnreg.core import checkpoint
+from cnnreg.plugin.hookspecs import hookimpl
+from cnnreg.core.records import EpochRecord, EvalResult, FitResult
 
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure
 
-    from cnnreg.engine import Run
+    from cnnreg.core.run import Run
 
 CURVES = "curves.png"
 CONFUSION = "confusion.png"

@@ -34,12 +34,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextC
 from rich.table import Table
 from rich.text import Text
 
-from cnnreg.hookspecs import hookimpl
-from cnnreg.records import EpochRecord, FitResult, ProgressRecord
-from cnnreg.report import per_class_table
+from cnnreg.plugin.hookspecs import hookimpl
+from cnnreg.core.records import EpochRecord, FitResult, ProgressRecord
+from cnnreg.core.tables import per_class_table
 
 if TYPE_CHECKING:  # pragma: no cover
-    from cnnreg.engine import Run
+    from cnnreg.core.run import Run
 
 PLAIN_FOOTER_LINES = 2
 SHOWN_APART = ("lr", "epoch_seconds")  # printed in their own format, after the metrics

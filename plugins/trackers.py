@@ -12,11 +12,11 @@ import importlib.util
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cnnreg.hookspecs import hookimpl
-from cnnreg.records import EpochRecord, FitResult
+from cnnreg.plugin.hookspecs import hookimpl
+from cnnreg.core.records import EpochRecord, FitResult
 
 if TYPE_CHECKING:  # pragma: no cover
-    from cnnreg.engine import Run
+    from cnnreg.core.run import Run
 
 
 def installed(package: str) -> bool:

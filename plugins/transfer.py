@@ -28,9 +28,9 @@ import torch
 from pydantic import BeforeValidator, Field
 from torch import nn
 
-from cnnreg.errors import Unavailable, UserError
-from cnnreg.hookspecs import hookimpl
-from cnnreg.registry import Family
+from cnnreg.core.errors import Unavailable, UserError
+from cnnreg.plugin.hookspecs import hookimpl
+from cnnreg.plugin.catalog import Family
 
 if TYPE_CHECKING:  # pragma: no cover - annotations only
     from torchvision.models import WeightsEnum

@@ -30,8 +30,8 @@ from torch import Tensor
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-from cnnreg.data import DataContext
-from cnnreg.hookspecs import hookimpl
+from cnnreg.core.data import DataContext
+from cnnreg.plugin.hookspecs import hookimpl
 from cnnreg_plugins import _batched_ops as ops
 
 Probability = Annotated[float, Field(ge=0, le=1)]

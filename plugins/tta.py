@@ -3,7 +3,7 @@
 The ``tta`` transform goes last in ``transforms.eval``. It returns the batch's
 views stacked (``[V * B, C, H, W]``) and declares their weights in
 ``view_weights``; the engine merges the model's logits into one weighted
-average per image (:func:`cnnreg.forward.merge_views`), in evaluation and in
+average per image (:func:`cnnreg.inputs.prepare.merge_views`), in evaluation and in
 ``cnnreg predict`` alike.
 
 The views are those of the fastest CIFAR-10 trainings (airbench's
@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor
 
-from cnnreg.hookspecs import hookimpl
+from cnnreg.plugin.hookspecs import hookimpl
 
 
 @dataclass(frozen=True)

@@ -32,11 +32,11 @@ from typing import TYPE_CHECKING, Annotated, Any, Mapping
 import torch
 from pydantic import Field
 
-from cnnreg.hookspecs import hookimpl
+from cnnreg.plugin.hookspecs import hookimpl
 
 if TYPE_CHECKING:  # pragma: no cover
-    from cnnreg.engine import Run
-    from cnnreg.records import FitResult
+    from cnnreg.core.run import Run
+    from cnnreg.core.records import FitResult
 
 Decay = Annotated[float, Field(ge=0, lt=1)]
 Every = Annotated[int, Field(ge=1)]

@@ -1,4 +1,4 @@
-"""cnnreg.batches: one iterator over in-memory and file splits, seeded, sharded."""
+"""cnnreg.inputs.batches: one iterator over in-memory and file splits, seeded, sharded."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from cnnreg.batches import make_batches
-from cnnreg.data import ImageSplit
-from cnnreg.errors import UserError
+from cnnreg.inputs.batches import make_batches
+from cnnreg.core.data import ImageSplit
+from cnnreg.core.errors import UserError
 
 from _datafiles import write_image, write_not_an_image_file
 

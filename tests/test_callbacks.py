@@ -20,9 +20,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import cnnreg
-from cnnreg import checkpoint as ckpt
-from cnnreg.errors import RecipeError
-from cnnreg.records import Metric
+from cnnreg.core import checkpoint as ckpt
+from cnnreg.core.errors import RecipeError
+from cnnreg.core.records import Metric
 from cnnreg_plugins import callbacks
 from conftest import tiny_recipe as shared_tiny_recipe
 

@@ -11,9 +11,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import cnnreg
-from cnnreg.hookspecs import hookimpl
-from cnnreg.plugins import plugin_manager
-from cnnreg.registry import build_catalog
+from cnnreg.plugin.hookspecs import hookimpl
+from cnnreg.plugin.manager import plugin_manager
+from cnnreg.plugin.catalog import build_catalog
 from cnnreg_plugins import compact_models
 from cnnreg_plugins.compact_models import WHITEN_EPS, whitening_cnn
 

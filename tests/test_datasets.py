@@ -13,11 +13,11 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-from cnnreg import imagefiles
-from cnnreg.batches import make_batches
-from cnnreg.errors import UserError
-from cnnreg.plugins import plugin_manager
-from cnnreg.registry import build_catalog
+from cnnreg.inputs import imagefiles
+from cnnreg.inputs.batches import make_batches
+from cnnreg.core.errors import UserError
+from cnnreg.plugin.manager import plugin_manager
+from cnnreg.plugin.catalog import build_catalog
 from cnnreg_plugins.datasets import cifar10, cifar100, fashion_mnist, imagefolder, kmnist, mnist, synthetic
 
 from _datafiles import (
@@ -509,7 +509,7 @@ def _md5(path: Path) -> str:
 def test_cifar_download_fetches_the_archive_with_progress_and_extracts_it(tmp_path, http_folder, monkeypatch, capsys):
     import tarfile
 
-    from cnnreg import preparation
+    from cnnreg.core import progress as preparation
     from torchvision import datasets as tvd
 
     served, url = http_folder

@@ -11,7 +11,7 @@ import pytest
 CHILD = textwrap.dedent("""
     import ctypes, sys
     import torch
-    from cnnreg.device import configure_backends
+    from cnnreg.core.device import configure_backends
 
     class MallInfo2(ctypes.Structure):
         _fields_ = [(name, ctypes.c_size_t) for name in

@@ -13,8 +13,8 @@ import pytest
 import torch
 from torch import nn
 
-from cnnreg import distributed
-from cnnreg.errors import UserError
+from cnnreg.core import distributed
+from cnnreg.core.errors import UserError
 from conftest import cli, tiny_recipe
 
 VAL_SIZE = 49  # odd: the two ranks' evaluation shards differ in size (25 and 24)

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 import cnnreg
-from cnnreg import engine
-from cnnreg.errors import RecipeError
-from cnnreg.engine import Interrupted, NonFiniteLoss
-from cnnreg.hookspecs import hookimpl
+from cnnreg.engine import step
+from cnnreg.core.errors import RecipeError
+from cnnreg.core.stops import Interrupted, NonFiniteLoss
+from cnnreg.plugin.hookspecs import hookimpl
 
 from conftest import tiny_recipe
 
@@ -58,7 +58,7 @@ def final_weights(run):
 
 @pytest.mark.parametrize("at", [{"epoch": 1}, {"epoch": 2, "step": 2}], ids=["after-epoch-1", "mid-epoch-2"])
 def test_interrupted_and_resumed_run_ends_with_the_same_weights(tmp_path, monkeypatch, at):
-    monkeypatch.setattr(engine, "PROGRESS_INTERVAL", 0.0)
+    monkeypatch.setattr(step, "PROGRESS_INTERVAL", 0.0)
     changes = dict(trainer__epochs=3, trainer__deterministic=True,
                    transforms={"train": [{"name": "random_crop", "size": 12, "padding": 2}, {"name": "normalize"}],
                                "eval": [{"name": "normalize"}]})
@@ -160,7 +160,7 @@ def test_predict_gives_the_trained_class_of_training_images(tmp_path):
 
 
 def test_cross_validation_reports_mean_and_std_per_metric(tmp_path):
-    from cnnreg.crossval import cross_validate
+    from cnnreg.workflows.crossval import cross_validate
 
     recipe = cnnreg.load_recipe(tiny_recipe(tmp_path, trainer__epochs=1, cross_validation={"folds": 2}))
     result = cross_validate(recipe)
@@ -199,7 +199,7 @@ class OomModel:
 
 
 def test_out_of_memory_says_the_batch_size_and_what_to_change(tmp_path):
-    from cnnreg.engine import OutOfMemory
+    from cnnreg.core.stops import OutOfMemory
 
     recipe = cnnreg.load_recipe(tiny_recipe(tmp_path, model={"name": "greedy_net"}), extra=[OomModel()])
     run = cnnreg.build(recipe)

@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from cnnreg.records import Tally
+from cnnreg.core.records import Tally
 from cnnreg_plugins import metrics
 from cnnreg_plugins.metrics import accuracy, balanced_accuracy, f1, precision, recall, top_k
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 import cnnreg
-from cnnreg import engine
+from cnnreg.engine import step
 
 from conftest import tiny_recipe
 
@@ -35,7 +35,7 @@ def host_reads_during_fit(tmp_path, monkeypatch, train_size: int) -> int:
         metrics=[{"name": "accuracy"}, {"name": "f1"}, {"name": "top_k", "k": 2}],
         scheduler={"name": "onecycle"}, trainer__grad_clip_norm=1.0))
     run = cnnreg.build(recipe, output=False)
-    monkeypatch.setattr(engine, "PROGRESS_INTERVAL", math.inf)  # progress reads are throttled by time
+    monkeypatch.setattr(step, "PROGRESS_INTERVAL", math.inf)  # progress reads are throttled by time
     count = {"n": 0}
     for name in READS:
         original = getattr(torch.Tensor, name)

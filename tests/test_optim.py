@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from cnnreg.records import Schedule
+from cnnreg.core.records import Schedule
 from cnnreg_plugins import optim
 from cnnreg_plugins.optim import (
     adam,

@@ -19,9 +19,10 @@ from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
 import cnnreg
-from cnnreg import imagefiles, preparation
+from cnnreg.inputs import imagefiles
+from cnnreg.core import progress as preparation
 from cnnreg.cli import main
-from cnnreg.errors import RecipeError, UserError
+from cnnreg.core.errors import RecipeError, UserError
 from conftest import cli, make_distribution
 
 from _datafiles import write_image, write_image_folder, write_not_an_image_file, write_truncated_file, write_zero_byte_file
@@ -236,7 +237,7 @@ def _plugin_with_bad_labels(tmp_path: Path, monkeypatch) -> str:
     source = '''
         import torch
         import cnnreg
-        from cnnreg.data import DataSource, ImageSplit
+        from cnnreg.core.data import DataSource, ImageSplit
 
         def shifted(offset: int = 1) -> DataSource:
             """Two classes whose labels are off by one."""

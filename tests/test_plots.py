@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 import cnnreg
-from cnnreg.records import EpochRecord, EvalResult
+from cnnreg.core.records import EpochRecord, EvalResult
 from cnnreg_plugins import plots
 from conftest import tiny_recipe as shared_tiny_recipe
 

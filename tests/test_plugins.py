@@ -8,9 +8,9 @@ import pytest
 import torch.nn as nn
 
 import cnnreg
-from cnnreg.errors import RecipeError
-from cnnreg.plugins import plugin_manager
-from cnnreg.registry import build_catalog
+from cnnreg.core.errors import RecipeError
+from cnnreg.plugin.manager import plugin_manager
+from cnnreg.plugin.catalog import build_catalog
 
 from conftest import cli, make_distribution, tiny_recipe
 
@@ -34,7 +34,7 @@ def test_third_party_package_is_listed_in_schema_and_usable(example_plugin_site,
     component = catalog.keys("model")["wide_net"]
     assert (component.plugin, str(component.origin)) == ("example", "cnnreg-example-plugin 1.2.3")
 
-    schema = json.dumps(cnnreg.recipe.json_schema(catalog))
+    schema = json.dumps(cnnreg.config.recipe.json_schema(catalog))
     assert "wide_net" in schema and "A one-conv network whose width is a parameter." in schema
     assert "channels of the convolution." in schema  # the parameter's docstring
 

@@ -9,7 +9,7 @@ import pytest
 
 import cnnreg
 from cnnreg.cli import main
-from cnnreg.errors import RecipeError
+from cnnreg.core.errors import RecipeError
 
 from conftest import cli
 
@@ -155,9 +155,9 @@ def test_defaults_are_filled_and_the_resolved_recipe_reloads(tmp_path):
 
 
 def test_schema_is_draft_2020_12_with_every_component(tmp_path):
-    from cnnreg.plugins import plugin_manager
-    from cnnreg.recipe import json_schema
-    from cnnreg.registry import build_catalog
+    from cnnreg.plugin.manager import plugin_manager
+    from cnnreg.config.recipe import json_schema
+    from cnnreg.plugin.catalog import build_catalog
 
     catalog = build_catalog(plugin_manager())
     schema = json_schema(catalog)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 import cnnreg
-from cnnreg.validation import validate_recipe
+from cnnreg.workflows.validation import validate_recipe
 
 from _datafiles import write_image_folder
 
@@ -68,9 +68,9 @@ def test_the_shipped_schema_is_current():
     """recipe.schema.json (which the recipes name in "$schema") is what
     `cnnreg schema` prints for the built-ins: regenerate it with
     `cnnreg schema -o recipe.schema.json` after changing a factory."""
-    from cnnreg.plugins import plugin_manager
-    from cnnreg.recipe import json_schema
-    from cnnreg.registry import build_catalog
+    from cnnreg.plugin.manager import plugin_manager
+    from cnnreg.config.recipe import json_schema
+    from cnnreg.plugin.catalog import build_catalog
 
     shipped = json.loads((Path(__file__).parent.parent / "recipe.schema.json").read_text())
     assert shipped == json.loads(json.dumps(json_schema(build_catalog(plugin_manager()))))

@@ -22,12 +22,12 @@ import torch
 from safetensors.torch import load_file
 
 import cnnreg
-from cnnreg import checkpoint
-from cnnreg.checkpoint import CheckpointError
+from cnnreg.core import checkpoint
+from cnnreg.core.checkpoint import CheckpointError
 from cnnreg.cli import main
-from cnnreg.data import DataSource, ImageSplit
-from cnnreg.errors import RecipeError, UserError
-from cnnreg.hookspecs import hookimpl
+from cnnreg.core.data import DataSource, ImageSplit
+from cnnreg.core.errors import RecipeError, UserError
+from cnnreg.plugin.hookspecs import hookimpl
 
 from _datafiles import write_image_folder, write_not_an_image_file, write_truncated_file, write_zero_byte_file
 from conftest import tiny_recipe
@@ -274,7 +274,7 @@ def test_a_cut_short_best_safetensors_is_a_clear_error(tmp_path, finished_run, c
     assert "best.safetensors is not a readable safetensors file" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("name", ["os.system", "torch.nn:Linear", "builtins:eval", "cnnreg.engine.fit",
+@pytest.mark.parametrize("name", ["os.system", "torch.nn:Linear", "builtins:eval", "cnnreg.engine.loop.fit",
                                   "torch.nn.Linear", "__import__", "subprocess:run"])
 def test_a_recipe_cannot_name_an_import_path(tmp_path, name):
     with pytest.raises(RecipeError, match=f"model.name: unknown model '{name}'"):

@@ -14,8 +14,8 @@ import pytest
 from rich.console import Console
 
 import cnnreg
-from cnnreg.engine import Interrupted
-from cnnreg.records import ProgressRecord
+from cnnreg.core.stops import Interrupted
+from cnnreg.core.records import ProgressRecord
 from cnnreg_plugins.rich_progress import PLAIN_FOOTER_LINES, PlainProgress, RichProgress
 from conftest import cli
 from conftest import tiny_recipe as shared_tiny_recipe

@@ -6,7 +6,8 @@ import json
 from pathlib import Path
 
 import cnnreg
-from cnnreg.cli import describe_run, main
+from cnnreg.cli import main
+from cnnreg.runs.listing import describe_run
 from conftest import tiny_recipe
 
 

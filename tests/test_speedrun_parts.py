@@ -18,12 +18,13 @@ import torch
 from torch import nn
 
 import cnnreg
-from cnnreg import assembly, engine
-from cnnreg.batches import make_batches
-from cnnreg.data import ImageSplit
-from cnnreg.errors import RecipeError
-from cnnreg.forward import merge_views, prepare_batch, view_weights
-from cnnreg.hookspecs import hookimpl
+from cnnreg.assemble import parts as assembly
+from cnnreg.core import stops
+from cnnreg.inputs.batches import make_batches
+from cnnreg.core.data import ImageSplit
+from cnnreg.core.errors import RecipeError
+from cnnreg.inputs.prepare import merge_views, prepare_batch, view_weights
+from cnnreg.plugin.hookspecs import hookimpl
 from cnnreg_plugins.alternating_flip import alternating_horizontal_flip
 from cnnreg_plugins.tta import tta
 from cnnreg_plugins.weight_averaging import ema, lookahead
@@ -255,7 +256,7 @@ def test_a_run_with_an_ema_resumes_to_the_same_weights_and_ends_holding_the_aver
 
     interrupted = cnnreg.build(cnnreg.load_recipe(tiny_recipe(tmp_path / "b", **changes),
                                                   extra=[InterruptAfterEpoch(2)]))
-    with pytest.raises(engine.Interrupted):
+    with pytest.raises(stops.Interrupted):
         cnnreg.fit(interrupted)
     resumed = cnnreg.build(cnnreg.load_recipe(interrupted.run_dir / "recipe.json"), run_dir=interrupted.run_dir)
     cnnreg.fit(resumed, resume=True)

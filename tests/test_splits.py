@@ -1,4 +1,4 @@
-"""cnnreg.splits: stratified, seeded splitting, subsets, k-fold, statistics, channels."""
+"""cnnreg.inputs.splits: stratified, seeded splitting, subsets, k-fold, statistics, channels."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from cnnreg.data import DataSource, ImageSplit
-from cnnreg.errors import UserError
-from cnnreg.splits import channel_stats, convert_channels, kfold, stratified_split, subset, with_validation
+from cnnreg.core.data import DataSource, ImageSplit
+from cnnreg.core.errors import UserError
+from cnnreg.inputs.splits import channel_stats, convert_channels, kfold, stratified_split, subset, with_validation
 
 from _datafiles import write_image
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from cnnreg.errors import RecipeError
-from cnnreg.recipe import Sweep
-from cnnreg.sweep import load_trials, points, run_sweep
+from cnnreg.core.errors import RecipeError
+from cnnreg.core.options import Sweep
+from cnnreg.workflows.sweep import load_trials, points, run_sweep
 from conftest import cli, tiny_recipe
 
 

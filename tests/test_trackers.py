@@ -8,7 +8,7 @@ import pytest
 
 import cnnreg
 from cnnreg.cli import main
-from cnnreg.errors import RecipeError
+from cnnreg.core.errors import RecipeError
 from cnnreg_plugins.trackers import flatten
 
 from conftest import tiny_recipe

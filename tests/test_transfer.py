@@ -21,8 +21,8 @@ from safetensors.torch import save_file
 from torch import nn
 from torchvision import models
 
-from cnnreg.errors import UserError
-from cnnreg.registry import Family
+from cnnreg.core.errors import UserError
+from cnnreg.plugin.catalog import Family
 from cnnreg_plugins.transfer import TransferModel, cnnreg_models, timm_model, torchvision_model
 
 ARCH = "test_resnet"  # timm's own tiny ResNet: five stages, BatchNorm, 0.5M parameters

@@ -16,7 +16,7 @@ import torch
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-from cnnreg.data import DataContext
+from cnnreg.core.data import DataContext
 from cnnreg_plugins import transforms as T
 
 CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")])

@@ -1,0 +1,179 @@
+"""Checkpoint files: written atomically, loaded without running code.
+
+Every write goes to a temporary file in the same folder, is flushed to disk
+(fsync) and renamed over the target, so a crash or a kill at any moment
+leaves either the old file or the new one, never half of one. Loading uses
+safetensors (weights) or ``torch.load(weights_only=True)`` (training state):
+a pickle that would run code is refused, not run.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_model
+
+from cnnreg.core.errors import UserError
+
+WEIGHTS = "best.safetensors"
+LAST = "last.pt"
+
+
+class CheckpointError(UserError):
+    """A checkpoint could not be written or read."""
+
+
+def atomic_write(path: Path, write_to: Callable[[Path], None]) -> None:
+    """Write ``path`` through ``write_to(temporary_path)``, then fsync and rename.
+
+    :raises CheckpointError: when writing fails (a full disk, say); the file
+        that was at ``path`` before is left as it was.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write_to(tmp)
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, (OSError, RuntimeError)) and not isinstance(exc, CheckpointError):
+            reason = _io_reason(exc)
+            kept = f"; the previous {path.name} is intact" if path.exists() else ""
+            raise CheckpointError(f"could not write {path}: {reason}{kept}") from None
+        raise
+
+
+def remove_stale_temporaries(folder: Path) -> list[Path]:
+    """Delete the temporary files of atomic writes a killed process left in ``folder``."""
+    removed = []
+    for tmp in Path(folder).glob(".*.tmp"):
+        pid = tmp.name.rsplit(".", 2)[-2]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a small text file atomically."""
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def save_weights(model: torch.nn.Module, path: Path, metadata: dict[str, str] | None = None) -> None:
+    """Model weights as safetensors (shared tensors handled by safetensors)."""
+    module = unwrap(model)
+    atomic_write(path, lambda tmp: save_model(module, str(tmp), metadata=metadata))
+
+
+def load_weights(model: torch.nn.Module, path: Path) -> None:
+    """Load safetensors weights into ``model``, strictly, with a readable error."""
+    path = Path(path)
+    try:
+        state = load_file(str(path))
+    except FileNotFoundError:
+        raise CheckpointError(f"no weights file at {path}") from None
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({exc}); was it cut short?") from None
+    module = unwrap(model)
+    missing, unexpected = _diff_keys(module.state_dict(), state)
+    if missing or unexpected:
+        raise CheckpointError(f"{path} does not fit this model: {_key_report(missing, unexpected)}")
+    module.load_state_dict(state, strict=False)
+
+
+def save_state(state: dict[str, Any], path: Path) -> None:
+    """A resumable training state (tensors and plain data only)."""
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def load_state(path: Path) -> dict[str, Any]:
+    """Load what :func:`save_state` wrote, refusing anything that would run code."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"no checkpoint at {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f"refused to load {path}: it holds Python objects that would run code when unpickled "
+            f"({str(exc).strip().splitlines()[0][:200]}). cnnreg loads only tensors and plain data; "
+            "re-save it as a state dict or safetensors") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as exc:
+        raise CheckpointError(f"{path} is not a readable checkpoint ({str(exc).splitlines()[0][:200]}); "
+                              "was it cut short?") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} holds a {type(state).__name__}, not a cnnreg training state")
+    return state
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The plain module under torch.compile and DistributedDataParallel wrappers."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod  # torch.compile
+        elif isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model = model.module
+        else:
+            return model
+
+
+def _diff_keys(expected: dict[str, Any], found: dict[str, Any]) -> tuple[list[str], list[str]]:
+    # safetensors drops one name of tensors that share storage; those are not missing.
+    shared = {k for k, v in expected.items() if any(v is w for j, w in expected.items() if j != k)}
+    missing = [k for k in expected if k not in found and k not in shared]
+    unexpected = [k for k in found if k not in expected]
+    return missing, unexpected
+
+
+def _key_report(missing: list[str], unexpected: list[str]) -> str:
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing key(s): {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected key(s): {', '.join(unexpected[:5])}{' ...' if len(unexpected) > 5 else ''}")
+    return "; ".join(parts)
+
+
+def _io_reason(exc: BaseException) -> str:
+    if isinstance(exc, OSError):
+        if exc.errno == errno.ENOSPC:
+            return "no space left on the device"
+        return exc.strerror or str(exc)
+    text = str(exc)
+    if "No space left" in text or "file write failed" in text:
+        return "no space left on the device"
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make the rename itself durable (POSIX); harmless where unsupported."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

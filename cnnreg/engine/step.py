@@ -1,0 +1,242 @@
+"""The training step, and one epoch of it.
+
+A step, as airbench or nanoGPT write it: prepare the batch, forward and
+backward under autocast, and every ``trainer.accumulate`` batches clip and
+step the optimizer (and a per-step schedule). Everything else the loop does
+per batch is one call each: the running tallies, a throttled progress
+report, the signal check. Nothing here reads a value back from the device
+(``tests/test_no_sync.py``), except the opt-in ``on_nan: "skip"``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from cnnreg.core.device import autocast, input_dtype
+from cnnreg.core.records import ProgressRecord
+from cnnreg.core.run import Run
+from cnnreg.core.stops import NonFiniteLoss, OutOfMemory
+from cnnreg.engine.tallies import LossReader, Tallies
+from cnnreg.inputs.prepare import prepare_batch
+
+PROGRESS_INTERVAL = 0.25  # seconds between progress hook calls
+
+
+@dataclass
+class Timing:
+    """Compilation and training time, kept apart: the first step of a compiled
+    model (and its first evaluation batch) is compilation, not training."""
+
+    measure_first: bool
+    compile_seconds: float = 0.0
+    train_seconds: float = 0.0
+    compiled_train: bool = False
+    compiled_eval: bool = False
+
+    def first_batch_done(self, device: torch.device, start: float, split: str) -> None:
+        """Count the time since ``start`` as compilation, once per kind of pass, when compiling."""
+        done = self.compiled_train if split == "train" else self.compiled_eval
+        if self.measure_first and not done:
+            self.compile_seconds += synchronized_since(device, start)
+            if split == "train":
+                self.compiled_train = True
+            else:
+                self.compiled_eval = True
+
+
+class Signals:
+    """SIGINT/SIGTERM during training: the first one is noted (the loop saves at
+    the end of the step and leaves), a second one stops at once."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+
+    @contextlib.contextmanager
+    def watching(self) -> Iterator[Signals]:
+        if threading.current_thread() is not threading.main_thread():
+            yield self  # signal handlers can only be set in the main thread
+            return
+
+        def handler(signum: int, frame: Any) -> None:
+            if self.received is not None:
+                raise KeyboardInterrupt
+            self.received = signum
+
+        previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield self
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+
+class LeaveAt(Exception):
+    """Raised inside the loop when a signal arrived: the place to save, ``step`` batches into ``epoch``."""
+
+    def __init__(self, epoch: int, step: int):
+        self.epoch, self.step = epoch, step
+
+
+def train_epoch(run: Run, epoch: int, tallies: Tallies, skip_batches: int, signals: Signals,
+                timing: Timing) -> float:
+    """One pass over the training split (from batch ``skip_batches`` on); returns its wall time in seconds."""
+    opts = run.recipe.trainer
+    model = run.step_model if run.step_model is not None else run.model
+    batches = run.batches["train"]
+    batches.set_epoch(epoch, start_batch=skip_batches)  # resuming mid-epoch: the same order, from there
+    run.model.train()
+    params = [p for group in run.optimizer.param_groups for p in group["params"]]
+    on_step = _step_hook(run, len(batches))
+    progress = _Progress(run, epoch, len(batches), done=skip_batches)
+    start = time.perf_counter()
+    with out_of_memory_advice(run, "train", batches.batch_size):
+        for index, (images, targets, sample_index) in enumerate(batches.indexed(), start=skip_batches):
+            # gradients add up over `accumulate` batches; the last batch of each group steps
+            steps = (index + 1) % opts.accumulate == 0 or index + 1 == len(batches)
+            logits, loss = forward_backward(run, model, images, targets, sample_index, epoch, sync=steps)
+            finite = tallies.note_finite(loss, index)
+            if opts.on_nan == "skip" and not bool(finite):  # opt-in: costs one host sync per step
+                run.optimizer.zero_grad(set_to_none=True)
+                continue
+            tallies.update(logits, targets, loss)
+            if steps:
+                optimizer_step(run, params)
+                if run.schedule is not None and run.schedule.interval == "step":
+                    run.schedule.scheduler.step()
+                if on_step is not None:
+                    on_step(epoch, index)
+            timing.first_batch_done(run.device, start, "train")
+            progress.batch_done(index, tallies, start)
+            if signals.received is not None:
+                raise LeaveAt(epoch, index + 1)
+    return synchronized_since(run.device, start)
+
+
+def forward_backward(run: Run, model: nn.Module, images: torch.Tensor, targets: torch.Tensor,
+                     sample_index: torch.Tensor, epoch: int, sync: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The recipe's transforms, the forward pass under autocast, the loss, and its backward pass.
+
+    ``sync`` false (a batch inside an accumulation group): under DDP the
+    gradients are not all-reduced yet (``no_sync``), only at the group's last batch.
+    """
+    x = prepare(run, images, run.train_transforms, sample_index, epoch)
+    accumulate = run.recipe.trainer.accumulate
+    waiting = model.no_sync() if not sync and hasattr(model, "no_sync") else contextlib.nullcontext()
+    with waiting:
+        with autocast(run.device, run.precision):
+            logits = model(x)
+            loss = run.loss_fn(logits, targets)
+        scaled = loss / accumulate
+        (run.scaler.scale(scaled) if run.scaler is not None else scaled).backward()
+    return logits, loss
+
+
+def optimizer_step(run: Run, params: list[torch.Tensor]) -> None:
+    """Clip (after unscaling fp16 gradients), step, and clear the gradients."""
+    opts = run.recipe.trainer
+    if opts.grad_clip_norm is not None or opts.grad_clip_value is not None:
+        if run.scaler is not None:
+            run.scaler.unscale_(run.optimizer)
+        if opts.grad_clip_value is not None:
+            nn.utils.clip_grad_value_(params, opts.grad_clip_value)
+        if opts.grad_clip_norm is not None:
+            # foreach and no error_if_nonfinite: no host sync
+            nn.utils.clip_grad_norm_(params, opts.grad_clip_norm, foreach=True)
+    if run.scaler is not None:
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+    else:
+        run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+
+
+def prepare(run: Run, images: torch.Tensor, transforms: Sequence[Callable], index: torch.Tensor | None = None,
+            epoch: int = 0) -> torch.Tensor:
+    """uint8 batch -> float in [0, 1] -> the recipe's transforms -> the model's dtype and memory format."""
+    return prepare_batch(images, transforms, channels_last=run.channels_last, dtype=input_dtype(run.precision),
+                         index=index, epoch=epoch)
+
+
+def _step_hook(run: Run, batches: int) -> Callable[[int, int], None] | None:
+    """``cnnreg_optimizer_step`` for the step ending at a batch, or ``None`` when no plugin
+    listens (the call would cost a hook dispatch per step for nothing)."""
+    hook = run.pm.hook.cnnreg_optimizer_step
+    if not hook.get_hookimpls():
+        return None
+    accumulate = run.recipe.trainer.accumulate
+    per_epoch = math.ceil(batches / accumulate)
+    total = per_epoch * run.recipe.trainer.epochs
+
+    def call(epoch: int, index: int) -> None:
+        step = (epoch - 1) * per_epoch + math.ceil((index + 1) / accumulate)
+        hook(run=run, epoch=epoch, step=step, total_steps=total)
+
+    return call
+
+
+class _Progress:
+    """The running loss and speed for ``cnnreg_train_progress``, at most every
+    :data:`PROGRESS_INTERVAL` seconds (the loss is copied without waiting)."""
+
+    def __init__(self, run: Run, epoch: int, steps: int, done: int):
+        self.run, self.epoch, self.steps, self.done = run, epoch, steps, done
+        self.reader = LossReader(run.device)
+        self.last = time.perf_counter()
+
+    def batch_done(self, index: int, tallies: Tallies, start: float) -> None:
+        self.done += 1
+        now = time.perf_counter()
+        if now - self.last < PROGRESS_INTERVAL:
+            return
+        self.last = now
+        run = self.run
+        loss = self.reader.poll(tallies.loss_sum, tallies.count)
+        if loss is not None and not math.isfinite(loss) and run.recipe.trainer.on_nan == "stop":
+            raise_bad_step(run, self.epoch, tallies)
+        if run.is_main:
+            run.pm.hook.cnnreg_train_progress(run=run, progress=ProgressRecord(
+                epoch=self.epoch, epochs=run.epochs, step=index + 1, steps=self.steps,
+                images=self.done * run.batches["train"].batch_size, seconds=now - start, loss=loss))
+
+
+def raise_bad_step(run: Run, epoch: int, tallies: Tallies) -> None:
+    step = int(tallies.bad_step.item())
+    kept = f"; the last good checkpoint in {run.run_dir} is kept" if run.run_dir else ""
+    raise NonFiniteLoss(f"the loss became NaN or infinite at epoch {epoch}, step {step + 1}{kept}. "
+                        "Lower the learning rate, add gradient clipping (trainer.grad_clip_norm), "
+                        "or set trainer.on_nan to \"skip\"")
+
+
+@contextlib.contextmanager
+def out_of_memory_advice(run: Run, split: str, batch_size: int) -> Iterator[None]:
+    """Turn torch's out-of-memory error into one that says what to change."""
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        total = ""
+        if run.device.type == "cuda":
+            total = f" ({torch.cuda.get_device_properties(run.device).total_memory / 2**30:.0f} GiB)"
+            torch.cuda.empty_cache()
+        key = "data.batch_size" if split == "train" else "data.eval_batch_size"
+        advice = (f"lower {key} (e.g. to {max(1, batch_size // 2)})"
+                  + (", with trainer.accumulate 2 to keep the effective batch" if split == "train" else ""))
+        if run.precision == "fp32" and run.device.type == "cuda":
+            advice += "; trainer.precision bf16 halves activation memory"
+        raise OutOfMemory(f"{run.device}{total} ran out of memory on a {split} batch of {batch_size} images "
+                          f"at {tuple(run.data.image_size)}: {advice}") from None
+
+
+def synchronized_since(device: torch.device, start: float) -> float:
+    """Seconds since ``start``, once the device has finished what was queued."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
