@@ -21,7 +21,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from cnnreg.plugin.hookspecs import hookimpl
+from cnnreg import hookimpl
 
 _MULTIPLIER = 2654435761  # Knuth's multiplicative hash: odd and near 2**32 / golden ratio
 _MODULUS = 2**32

@@ -32,10 +32,10 @@ import torch
 from pydantic import Field
 
 from cnnreg.core import checkpoint as ckpt
-from cnnreg.plugin.hookspecs import hookimpl
-from cnnreg.core.records import EpochRecord, EvalResult, FitResult
+from cnnreg import hookimpl
+from cnnreg.core.records import EpochRecord, EvalResult, FitResult, infer_mode
 from cnnreg.core.tables import format_value
-from cnnreg_plugins.plots import confusion_figure, last_evaluation
+from cnnreg_plugins._figures import confusion_figure, last_evaluation
 
 if TYPE_CHECKING:  # pragma: no cover
     from cnnreg.core.run import Run
@@ -52,13 +52,6 @@ def warn(message: str) -> None:
     """A warning on stderr (through the live progress display, when there is one)."""
     # sys.stderr is looked up at call time: rich's live display swaps it for a proxy.
     print(f"cnnreg: warning: {message}", file=sys.stderr, flush=True)
-
-
-def infer_mode(metric: str) -> Mode:
-    """The engine's rule: losses, errors, times and rates are better low."""
-    from cnnreg.core.records import infer_mode as engine_infer_mode
-
-    return engine_infer_mode(metric)  # type: ignore[return-value]
 
 
 def resolve_mode(run: Run, monitor: str, mode: Mode | None) -> Mode:

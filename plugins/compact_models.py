@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from cnnreg.plugin.hookspecs import hookimpl
+from cnnreg import hookimpl
 from cnnreg_plugins._layers import activation_layer, check_activation, check_count
 
 Activation = Literal["gelu", "relu", "silu"]

@@ -32,7 +32,7 @@ from torchvision.datasets.utils import check_integrity, extract_archive
 from cnnreg.core import progress as preparation
 from cnnreg.core.data import DatasetInfo, DataSource, ImageSplit, describes
 from cnnreg.core.errors import Unavailable, UserError
-from cnnreg.plugin.hookspecs import hookimpl
+from cnnreg import hookimpl
 from cnnreg.inputs.splits import channel_stats, convert_channels
 from cnnreg_plugins._download import fetch
 from cnnreg_plugins._image_folder import imagefolder

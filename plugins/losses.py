@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from cnnreg.plugin.hookspecs import hookimpl
+from cnnreg import hookimpl
 
 Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Smoothing = Annotated[float, Field(ge=0, lt=1)]

@@ -27,7 +27,7 @@ from typing import Annotated, Mapping
 import torch
 from pydantic import Field
 
-from cnnreg.plugin.hookspecs import hookimpl
+from cnnreg import hookimpl
 from cnnreg.core.records import Metric, Tally
 
 

@@ -51,7 +51,7 @@ from torch.optim.lr_scheduler import (
     StepLR,
 )
 
-from cnnreg.plugin.hookspecs import hookimpl
+from cnnreg import hookimpl
 from cnnreg.core.records import Schedule, infer_mode
 
 ParamGroups = list[dict[str, Any]]

@@ -12,7 +12,7 @@ import importlib.util
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cnnreg.plugin.hookspecs import hookimpl
+from cnnreg import hookimpl
 from cnnreg.core.records import EpochRecord, FitResult
 
 if TYPE_CHECKING:  # pragma: no cover

@@ -29,8 +29,8 @@ from pydantic import BeforeValidator, Field
 from torch import nn
 
 from cnnreg.core.errors import Unavailable, UserError
-from cnnreg.plugin.hookspecs import hookimpl
-from cnnreg.plugin.catalog import Family
+from cnnreg import hookimpl
+from cnnreg import Family
 
 if TYPE_CHECKING:  # pragma: no cover - annotations only
     from torchvision.models import WeightsEnum

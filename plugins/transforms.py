@@ -31,7 +31,7 @@ from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
 from cnnreg.core.data import DataContext
-from cnnreg.plugin.hookspecs import hookimpl
+from cnnreg import hookimpl
 from cnnreg_plugins import _batched_ops as ops
 
 Probability = Annotated[float, Field(ge=0, le=1)]

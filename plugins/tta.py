@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor
 
-from cnnreg.plugin.hookspecs import hookimpl
+from cnnreg import hookimpl
 
 
 @dataclass(frozen=True)

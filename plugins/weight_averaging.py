@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Mapping
 import torch
 from pydantic import Field
 
-from cnnreg.plugin.hookspecs import hookimpl
+from cnnreg import hookimpl
 
 if TYPE_CHECKING:  # pragma: no cover
     from cnnreg.core.run import Run
