@@ -16,7 +16,7 @@ from pathlib import Path
 
 from torchvision.datasets.utils import check_integrity
 
-from cnnreg.core import progress as preparation
+from cnnreg.core import progress
 
 CHUNK = 1 << 20
 
@@ -37,7 +37,7 @@ def fetch(url: str, target: Path, *, md5: str | None, title: str, timeout: float
         request = urllib.request.Request(url, headers={"User-Agent": "cnnreg"})
         with urllib.request.urlopen(request, timeout=timeout) as response, open(part, "wb") as out:
             total = int(response.headers.get("Content-Length") or 0) or None
-            with preparation.step(f"downloading {title}", total=total, unit="bytes") as advance:
+            with progress.step(f"downloading {title}", total=total, unit="bytes") as advance:
                 while chunk := response.read(CHUNK):
                     out.write(chunk)
                     digest.update(chunk)
@@ -48,5 +48,5 @@ def fetch(url: str, target: Path, *, md5: str | None, title: str, timeout: float
         os.replace(part, target)
     finally:
         part.unlink(missing_ok=True)
-    preparation.note(f"downloaded {title}: {preparation.size_text(target.stat().st_size)} to {target}")
+    progress.note(f"downloaded {title}: {progress.size_text(target.stat().st_size)} to {target}")
     return target

@@ -18,7 +18,7 @@ from typing import Annotated, Literal
 import torch
 from pydantic import Field
 
-from cnnreg.inputs import imagefiles
+from cnnreg.inputs import image_cache, imagefiles
 from cnnreg.core.data import DatasetInfo, DataSource, ImageSplit, describes
 from cnnreg.core.errors import Unavailable, UserError
 from cnnreg.inputs.splits import channel_stats, convert_channels, stratified_split
@@ -35,7 +35,7 @@ class FolderPlan:
     :param root: the folder.
     :param listings: the listing of each split present.
     :param headers: the headers of each split's files.
-    :param digests: each split's :func:`~cnnreg.inputs.imagefiles.files_digest`, when caching.
+    :param digests: each split's :func:`~cnnreg.inputs.image_cache.files_digest`, when caching.
     :param channels: 1 when every readable image is grayscale, else 3 (or the recipe's).
     :param common_size: ``(H, W)`` when every readable image has it, else ``None``.
     :param median_size: the median height and width of the readable images.
@@ -97,8 +97,8 @@ def plan_folder(root: Path, channels: int | None, test_fraction: float, bad_imag
               "move each into the folder of its class"
               for listing in listings.values() if listing.loose]
 
-    digests = {name: imagefiles.files_digest(listing) for name, listing in listings.items()} if cache_dir else {}
-    headers = {name: imagefiles.probe_listing(listing, cache_dir=cache_dir, files=digests.get(name))
+    digests = {name: image_cache.files_digest(listing) for name, listing in listings.items()} if cache_dir else {}
+    headers = {name: image_cache.probe_listing(listing, cache_dir=cache_dir, files=digests.get(name))
                for name, listing in listings.items()}
     bad = [b for name in listings for b in headers[name].bad]
     if bad and bad_images == "fail":
@@ -132,7 +132,7 @@ def _first_bad(headers: imagefiles.Headers, listing: imagefiles.FolderListing, l
 def _cache_dir(cache: bool, cache_dir: Path | None) -> Path | None:
     if not cache:
         return None
-    return Path(cache_dir).expanduser() if cache_dir is not None else imagefiles.default_cache_dir()
+    return Path(cache_dir).expanduser() if cache_dir is not None else image_cache.default_cache_dir()
 
 
 def describe_imagefolder(root: Path, size=None, channels=None, test_fraction: float = 0.0, seed: int = 0,
@@ -263,7 +263,7 @@ def _decode_in_memory(plan: FolderPlan, size, fit, channels, bad_images, cache_d
     for name, listing in plan.listings.items():
         if not listing.files:
             continue
-        decoded, _ = imagefiles.decode_cached(listing, size=size, channels=channels, bad_images=bad_images,
+        decoded, _ = image_cache.decode_cached(listing, size=size, channels=channels, bad_images=bad_images,
                                               cache_dir=cache_dir, fit=fit, known_bad=plan.headers[name].bad,
                                               files=plan.digests.get(name))
         skipped.extend(decoded.skipped)

@@ -29,7 +29,7 @@ from pydantic import Field
 from torchvision import datasets as tvd
 from torchvision.datasets.utils import check_integrity, extract_archive
 
-from cnnreg.core import progress as preparation
+from cnnreg.core import progress
 from cnnreg.core.data import DatasetInfo, DataSource, ImageSplit, describes
 from cnnreg.core.errors import Unavailable, UserError
 from cnnreg import hookimpl
@@ -140,7 +140,7 @@ def _cifar(cls, title, weight, root, download, verify, mean, std) -> DataSource:
     if (missing or corrupt) and download:
         try:
             archive = fetch(cls.url, root / cls.filename, md5=cls.tgz_md5, title=title)
-            with preparation.step(f"extracting {archive.name}", unit=""):
+            with progress.step(f"extracting {archive.name}", unit=""):
                 extract_archive(str(archive), str(root))
         except Exception as e:  # noqa: BLE001 - network and archive errors of every kind
             raise UserError(

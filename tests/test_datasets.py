@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-from cnnreg.inputs import imagefiles
+from cnnreg.inputs import image_cache, imagefiles
 from cnnreg.inputs.batches import make_batches
 from cnnreg.core.errors import UserError
 from cnnreg.plugin.manager import plugin_manager
@@ -397,7 +397,7 @@ def test_cache_remembers_skipped_files(tmp_path):
 
 def test_cache_dir_defaults_to_xdg_cache_home(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert imagefiles.default_cache_dir() == tmp_path / "xdg" / "cnnreg"
+    assert image_cache.default_cache_dir() == tmp_path / "xdg" / "cnnreg"
     write_image_folder(tmp_path / "images", ("a", "b"), per_class=1)
     imagefolder(root=tmp_path / "images")
     assert len(list((tmp_path / "xdg" / "cnnreg" / "imagefolder").iterdir())) == 2  # headers and images
@@ -509,7 +509,7 @@ def _md5(path: Path) -> str:
 def test_cifar_download_fetches_the_archive_with_progress_and_extracts_it(tmp_path, http_folder, monkeypatch, capsys):
     import tarfile
 
-    from cnnreg.core import progress as preparation
+    from cnnreg.core import progress
     from torchvision import datasets as tvd
 
     served, url = http_folder
@@ -519,8 +519,8 @@ def test_cifar_download_fetches_the_archive_with_progress_and_extracts_it(tmp_pa
         tar.add(tmp_path / "source" / "cifar-10-batches-py", arcname="cifar-10-batches-py")
     monkeypatch.setattr(tvd.CIFAR10, "url", url + archive.name)
     monkeypatch.setattr(tvd.CIFAR10, "tgz_md5", _md5(archive))
-    monkeypatch.setattr(preparation, "PLAIN_AFTER", 0.0)
-    with preparation.reporting("plain"):
+    monkeypatch.setattr(progress, "PLAIN_AFTER", 0.0)
+    with progress.reporting("plain"):
         source = cifar10(root=tmp_path / "data", download=True, verify=False)
     assert torch.equal(source.train.labels, torch.as_tensor(written["train"][1]))
     err = capsys.readouterr().err

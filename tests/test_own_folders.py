@@ -20,7 +20,7 @@ from torchvision.transforms.v2 import functional as TF
 
 import cnnreg
 from cnnreg.inputs import imagefiles
-from cnnreg.core import progress as preparation
+from cnnreg.core import progress
 from cnnreg.cli import main
 from cnnreg.core.errors import RecipeError, UserError
 from conftest import cli, make_distribution
@@ -428,16 +428,16 @@ def test_the_shipped_recipes_validate_on_a_fresh_checkout_without_a_network(tmp_
 
 
 def test_long_preparation_leaves_a_few_plain_lines_in_a_log(monkeypatch, capsys):
-    monkeypatch.setattr(preparation, "PLAIN_AFTER", 0.0)
-    with preparation.reporting("plain"):
-        with preparation.step("decoding the images of train", total=3) as advance:
+    monkeypatch.setattr(progress, "PLAIN_AFTER", 0.0)
+    with progress.reporting("plain"):
+        with progress.step("decoding the images of train", total=3) as advance:
             advance(2)
             advance(1)
-        preparation.note("image cache: wrote 3 images (1.2 kB) to /somewhere")
-    with preparation.reporting("off"):
-        with preparation.step("silent", total=1) as advance:
+        progress.note("image cache: wrote 3 images (1.2 kB) to /somewhere")
+    with progress.reporting("off"):
+        with progress.step("silent", total=1) as advance:
             advance(1)
-        preparation.note("not shown")
+        progress.note("not shown")
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 2
     assert re.match(r"^decoding the images of train: 3 files, done in \d+\.\ds, [\d,]+ files/s$", err[0])

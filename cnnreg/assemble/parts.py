@@ -26,7 +26,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from cnnreg.core import progress as preparation
+from cnnreg.core import progress
 
 from cnnreg.inputs import splits
 from cnnreg.inputs.batches import check_labels, make_batches, train_batches
@@ -94,7 +94,7 @@ def assemble(recipe: Recipe, *, load: bool, fold: int | None = None, world_size:
     """
     unchecked: list[Unchecked] = []
     choices: list[Choice] = []
-    with preparation.reporting(recipe.trainer.progress):
+    with progress.reporting(recipe.trainer.progress):
         info, data, absent = _describe(recipe, fold, load, unchecked)
         check_data(recipe, info, absent=absent)
         channels = recipe.data.channels or info.channels

@@ -108,13 +108,9 @@ class RecipeModel:
 DEFAULT_METRICS = ("accuracy", "precision", "recall", "f1")
 
 
+@functools.lru_cache(maxsize=8)
 def recipe_model(catalog: Catalog) -> RecipeModel:
     """The Recipe class for ``catalog`` (cached per catalog)."""
-    return _recipe_model(catalog)
-
-
-@functools.lru_cache(maxsize=8)
-def _recipe_model(catalog: Catalog) -> RecipeModel:
     owners: dict[type[BaseModel], tuple[str, str]] = {}
     unions: dict[str, Any] = {}
     for kind in KINDS:

@@ -88,16 +88,16 @@ class DataOptions(Strict):
 class CrossValidation(Strict):
     """k-fold cross-validation: train once per fold, report each metric's mean and std."""
 
-    folds: int = Field(5, ge=2, le=100)
-    stratified: bool = True
+    folds: int = Field(5, ge=2, le=100, description="Number of folds: each trains on the others and validates on itself.")
+    stratified: bool = Field(True, description="Give every fold each class in proportion.")
     seed: int | None = Field(None, ge=0, description="Seed of the fold assignment; default: the recipe's seed.")
 
 
 class SweepRange(Strict):
     """A continuous range a random sweep draws from."""
 
-    low: float
-    high: float
+    low: float = Field(description="Lowest value.")
+    high: float = Field(description="Highest value.")
     log: bool = Field(False, description="Draw uniformly in log space (learning rates, weight decay).")
 
     @pydantic.model_validator(mode="after")
@@ -139,9 +139,9 @@ class RecipeBase(Strict):
     schema_: str | None = Field(None, alias="$schema", description="JSON Schema for editors (cnnreg schema).")
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$", description="Run name; run directories are named after it.")
     description: str = Field("", description="What the recipe reproduces and what it should reach.")
-    seed: int = Field(0, ge=0, le=2**32 - 1)
-    trainer: TrainerOptions = Field(default_factory=TrainerOptions)
-    cross_validation: CrossValidation | None = None
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="Seed of every random draw: initialisation, shuffling, augmentation, splits.")
+    trainer: TrainerOptions = Field(default_factory=TrainerOptions, description="How the engine trains (below).")
+    cross_validation: CrossValidation | None = Field(None, description="k-fold cross-validation (below).")
     output_dir: RecipePath | None = Field(None, description="Where run directories go; default ./runs.")
     disable_plugins: list[str] = Field(default_factory=list, description="Plugins to block for this recipe.")
     sweep: Sweep | None = Field(None, description="Hyperparameter sweep, run with `cnnreg sweep`.")

@@ -133,9 +133,6 @@ class Catalog:
             index.setdefault((component.kind, component.name), []).append(component)
         object.__setattr__(self, "_index", {key: tuple(value) for key, value in index.items()})
 
-    def of_kind(self, kind: str) -> tuple[Component, ...]:
-        return tuple(c for c in self.components if c.kind == kind)
-
     def keys(self, kind: str) -> dict[str, Component]:
         """The recipe names of ``kind``: the bare name when only one plugin
         registers it, ``plugin:name`` for each when several do."""
