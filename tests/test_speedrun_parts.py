@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 import cnnreg
-from cnnreg.assemble import parts as assembly
+from cnnreg.assemble import checks as assembly
 from cnnreg.core import stops
 from cnnreg.inputs.batches import make_batches
 from cnnreg.core.data import ImageSplit

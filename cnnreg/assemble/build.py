@@ -9,7 +9,8 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import nn
 
-from cnnreg.assemble.parts import assemble, sample_images
+from cnnreg.assemble.checks import sample_images
+from cnnreg.assemble.parts import assemble
 from cnnreg.config.recipe import Recipe
 from cnnreg.core import distributed
 from cnnreg.core.data import DataSource

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from cnnreg.assemble.parts import Choice, assemble
+from cnnreg.assemble.parts import assemble
+from cnnreg.core.records import Choice
 from cnnreg.core.errors import RecipeError, Unchecked
 from cnnreg.config.recipe import Recipe
 
