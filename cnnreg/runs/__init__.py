@@ -1,0 +1,1 @@
+"""Run directories: made, written, read back, listed."""

@@ -1,0 +1,1 @@
+"""What the commands do beyond one training: validate, cross-validation, sweeps, reopening and predicting, export."""
