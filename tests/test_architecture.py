@@ -117,3 +117,39 @@ def test_built_in_plugins_use_only_what_a_third_party_plugin_may(path):
                     and module != "cnnreg":
                 wrong.append(f"{path.name}:{line} imports {module}: use cnnreg, cnnreg.core or cnnreg.inputs")
     assert not wrong, "\n".join(wrong)
+
+
+def test_a_plugin_written_against_the_0_1_import_paths_still_loads(tmp_path, monkeypatch):
+    """Plugins in the wild import cnnreg.data, .errors, .records, .hookspecs and .registry."""
+    from conftest import make_distribution
+
+    import cnnreg
+
+    source = '''
+        import torch
+        from cnnreg.data import DataSource, ImageSplit
+        from cnnreg.errors import UserError
+        from cnnreg.hookspecs import hookimpl
+        from cnnreg.records import Metric
+        from cnnreg.registry import Family
+
+        def old_style(count: int = 8) -> DataSource:
+            """A dataset as a 0.1 plugin wrote one."""
+            if count < 2:
+                raise UserError("count must be at least 2")
+            images = torch.zeros(count, 3, 8, 8, dtype=torch.uint8)
+            return DataSource(train=ImageSplit(labels=torch.arange(count) % 2, images=images),
+                              classes=("a", "b"), image_size=(8, 8), channels=3)
+
+        @hookimpl
+        def cnnreg_datasets():
+            return {"old_style": old_style}
+    '''
+    root = make_distribution(tmp_path / "site", "old-style-plugin", {"old_style_plugin": source},
+                             {"old_style": "old_style_plugin"})
+    monkeypatch.syspath_prepend(str(root))
+    recipe = {"name": "old", "data": {"name": "old_style", "val_fraction": 0.25, "batch_size": 2},
+              "model": {"name": "simple_cnn", "widths": [4, 4, 4]},
+              "trainer": {"epochs": 1, "progress": "off"}, "output_dir": str(tmp_path / "runs")}
+    assert "2 classes" in cnnreg.validate(recipe).summary
+    assert cnnreg.fit(cnnreg.build(cnnreg.load_recipe(recipe))).stopped == "completed"
