@@ -152,6 +152,19 @@ def test_the_quickstart_pointed_at_a_folder_validates_and_runs(tmp_path, capsys)
     assert _outcome(capsys, ["validate", str(path)]) == _outcome(capsys, ["run", str(path)]) == (0, [])
 
 
+def test_a_channel_that_never_varies_is_left_unscaled_not_divided_by_zero(tmp_path):
+    rng = np.random.default_rng(0)
+    for label, name in enumerate(("dark", "bright")):
+        for i in range(6):
+            pixels = np.zeros((16, 16, 3), dtype=np.uint8)
+            pixels[..., 0] = rng.integers(0, 100, (16, 16)) + 150 * label  # red varies; green and blue are 0
+            write_image(tmp_path / "photos" / name / f"{i}.png", pixels)
+    run = cnnreg.build(cnnreg.load_recipe(recipe_for(tmp_path, tmp_path / "photos", trainer__epochs=2)))
+    normalize = json.loads((run.run_dir / "recipe.json").read_text())["transforms"]["train"][0]
+    assert normalize["std"][1:] == [1.0, 1.0] and 0 < normalize["std"][0] < 1
+    assert all(np.isfinite(r.metrics["train_loss"]) for r in cnnreg.fit(run).records)
+
+
 def test_a_size_the_recipe_gives_is_kept_and_stretches(tmp_path):
     root = colour_folder(tmp_path / "photos")
     run = cnnreg.build(cnnreg.load_recipe(recipe_for(tmp_path, root, data__size=[20, 24],

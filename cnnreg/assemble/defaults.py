@@ -130,6 +130,10 @@ def data_context(data: DataSource | DatasetInfo, channels: int, model: nn.Module
     std = tuple(config["std"]) if config.get("std") else data.std
     if mean is not None and len(mean) != channels:
         mean, std = convert_stats(mean, channels), convert_stats(std, channels)
+    if std is not None:
+        # A channel that never varies (blank images, a constant band) has std 0:
+        # dividing by it would make every input inf or NaN. Left unscaled instead.
+        std = tuple(s if s > 0 else 1.0 for s in std)
     return DataContext(image_size=data.image_size, channels=channels, num_classes=len(data.classes),
                        mean=mean, std=std, input_size=input_size,
                        interpolation=config.get("interpolation", "bilinear"), crop_pct=config.get("crop_pct"))
