@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from rich.console import Console
-from rich.table import Table
 
 from cnnreg.core.errors import RecipeError, UserError
+from cnnreg.core.tables import PlainTable
 from cnnreg.core.version import version
 
 EXAMPLES = """\
@@ -59,22 +60,20 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run_command(args: argparse.Namespace, err: Console) -> int:
+    """The command, with every error a user (or a machine fault, or a plugin) causes as a message.
+
+    Exit status: 0 done; 1 training stopped (diverged, out of memory, last.pt
+    not writable, a plugin failed: the run's summary says which); 2 a problem
+    found before training (recipe, data, output folder, a resume that does
+    not fit); 128 + the signal when interrupted (130, 143), after saving.
+    ``--traceback`` (or ``CNNREG_TRACEBACK=1``) also prints where it came from.
+    """
     try:
         return int(args.func(args) or 0)
-    except RecipeError as exc:
-        for problem in exc.problems:
-            err.print(f"[bold red]error[/]: {_escape(str(problem))}")
-        count = len(exc.problems)
-        err.print(f"{count} error{'s' if count != 1 else ''}; nothing was run")
-        return 2
     except UserError as exc:
-        from cnnreg.core.stops import TrainingStopped
-
-        if isinstance(exc, TrainingStopped):
-            err.print(f"[bold red]training stopped[/]: {_escape(str(exc))}")
-            return 1
-        err.print(f"[bold red]error[/]: {_escape(str(exc))}")
-        return 2
+        if getattr(args, "traceback", False) or os.environ.get("CNNREG_TRACEBACK"):
+            _print_traceback(err, exc)
+        return _report(err, exc)
     except KeyboardInterrupt:
         err.print("interrupted")
         return 130
@@ -85,6 +84,28 @@ def _run_command(args: argparse.Namespace, err: Console) -> int:
             err.print(_escape(str(exc)))
             return exc.exit_code
         raise
+
+
+def _print_traceback(err: Console, exc: BaseException) -> None:
+    import traceback
+
+    err.print("".join(traceback.format_exception(exc)), markup=False, end="")
+
+
+def _report(err: Console, exc: UserError) -> int:
+    if isinstance(exc, RecipeError):
+        for problem in exc.problems:
+            err.print(f"[bold red]error[/]: {_escape(str(problem))}")
+        count = len(exc.problems)
+        err.print(f"{count} error{'s' if count != 1 else ''}; nothing was run")
+        return 2
+    from cnnreg.core.stops import TrainingStopped
+
+    if isinstance(exc, TrainingStopped):
+        err.print(f"[bold red]training stopped[/]: {_escape(str(exc))}")
+        return 1
+    err.print(f"[bold red]error[/]: {_escape(str(exc))}")
+    return 2
 
 
 def _warning_printer(err: Console) -> Callable[..., None]:
@@ -105,6 +126,8 @@ def make_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--disable", action="append", default=[], metavar="PLUGIN",
                         help="block a plugin by name (repeatable)")
+    common.add_argument("--traceback", action="store_true",
+                        help="with an error, also print where it came from (or set CNNREG_TRACEBACK=1)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     def command(name: str, func: Callable[[argparse.Namespace], int], help: str) -> argparse.ArgumentParser:
@@ -185,7 +208,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
     except ImportError as exc:
         raise UserError(f"cannot list {args.pattern!r}: {exc}") from None
     console = Console(highlight=False, soft_wrap=True)
-    table = Table(title=f"cnnreg {PLURALS[kind] if kind else 'components'}", title_justify="left")
+    table = PlainTable(title=f"cnnreg {PLURALS[kind] if kind else 'components'}", title_justify="left")
     for column in ("name", "kind", "plugin", "distribution", "summary"):
         table.add_column(column, overflow="fold")
     for key, component in rows:
@@ -193,7 +216,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
                                                     component.summary)))
     console.print(table)
     if catalog.broken:
-        broken = Table(title="plugins that failed to load", title_justify="left", style="red")
+        broken = PlainTable(title="plugins that failed to load", title_justify="left", style="red")
         for column in ("plugin", "distribution", "stage", "error"):
             broken.add_column(column, overflow="fold")
         for b in catalog.broken:
@@ -317,7 +340,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
     if not rows:
         console.print(f"no runs under {_escape(str(root))}")
         return 0
-    table = Table(title=f"runs under {root}", title_justify="left")
+    table = PlainTable(title=f"runs under {root}", title_justify="left")
     for column, justify in (("name", "left"), ("date", "left"), ("epochs", "right"), ("best", "left"),
                             ("stopped", "left"), ("path", "left")):
         table.add_column(column, justify=justify, overflow="fold")  # type: ignore[arg-type]
@@ -350,7 +373,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             sys.stdout.write(json.dumps({"image": p.source, "classes": list(p.classes),
                                          "confidences": [round(c, 6) for c in p.confidences]}) + "\n")
         return 0
-    table = Table(title_justify="left")
+    table = PlainTable(title_justify="left")
     table.add_column("image", overflow="fold")
     for k in range(args.top_k):
         table.add_column("class" if args.top_k == 1 else f"#{k + 1}")

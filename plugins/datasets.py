@@ -21,6 +21,7 @@ import math
 import pickle
 import shutil
 import tempfile
+import zlib
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -262,11 +263,15 @@ def _mnist_like(cls, title, root, download, mean, std) -> DataSource:
         if any(p.suffix == ".gz" for p in found.values()):
             raw = Path(tmp)
             for name, path in found.items():
-                if path.suffix == ".gz":
+                if path.suffix != ".gz":
+                    shutil.copyfile(path, raw / name)
+                    continue
+                try:
                     with gzip.open(path, "rb") as src, open(raw / name, "wb") as dst:
                         shutil.copyfileobj(src, dst, 1 << 20)
-                else:
-                    shutil.copyfile(path, raw / name)
+                except (EOFError, OSError, zlib.error) as e:  # cut short, or not gzip at all
+                    raise UserError(f"cannot read {path}: {type(e).__name__}: {e} (the file is cut short or "
+                                    'damaged); delete it and set "download": true to fetch it again') from None
         here = type(cls.__name__, (cls,), {"raw_folder": property(lambda self: str(raw))})
         try:
             train, test = here(str(root), train=True), here(str(root), train=False)

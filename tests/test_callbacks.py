@@ -66,7 +66,11 @@ class Script:
         if run.run_dir is not None:
             self.files[record.epoch] = {p.name for p in run.run_dir.iterdir()}
         if record.epoch == self.crash_at:
-            raise RuntimeError(f"simulated crash at the end of epoch {record.epoch}")
+            raise SimulatedCrash(f"simulated crash at the end of epoch {record.epoch}")
+
+
+class SimulatedCrash(BaseException):
+    """What a killed process leaves: no handler runs (a plugin's Exception is caught, named, and saved after)."""
 
 
 def scripted_run(tmp_path: Path, script: Script, callbacks_: list[dict], output: bool = True, **changes: Any):
@@ -197,7 +201,7 @@ def test_early_stopping_and_metric_logs_resume_where_last_pt_left_off(tmp_path):
     values = [0.5, 0.4, 0.3, 0.2, 0.1, 0.05]  # best at epoch 1, worse after; patience 3 ends at epoch 4
     cbs = [{"name": "early_stopping", "monitor": "val_scripted", "patience": 3}, {"name": "metrics_logger"}]
     run = scripted_run(tmp_path, Script(values, crash_at=3), cbs, trainer__epochs=6, trainer__checkpoint_every=1)
-    with pytest.raises(RuntimeError, match="simulated crash"):
+    with pytest.raises(SimulatedCrash, match="simulated crash"):
         cnnreg.fit(run)
     run_dir = run.run_dir
     jsonl, table = run_dir / "metrics.jsonl", run_dir / "metrics.csv"

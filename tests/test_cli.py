@@ -99,12 +99,13 @@ def test_evaluate_a_folder_that_is_not_a_run(tmp_path, capsys):
     assert "is not a run directory" in capsys.readouterr().err
 
 
-def test_resume_of_a_finished_run_has_nothing_left_to_do(finished_run, capsys):
-    before = json.loads((finished_run / "summary.json").read_text())
-    assert main(["run", "--resume", str(finished_run)]) == 0
-    after = json.loads((finished_run / "summary.json").read_text())
-    assert after["epochs_run"] == before["epochs_run"] == 6
-    assert after["best"] == before["best"]
+def test_resume_of_a_finished_run_says_so_and_changes_nothing(finished_run, capsys):
+    before = {p.name: p.read_bytes() for p in finished_run.iterdir() if p.is_file()}
+    assert main(["run", "--resume", str(finished_run)]) == 2
+    err = capsys.readouterr().err
+    assert "is finished: it trained 6 of 6 epochs; nothing was changed" in err
+    assert "--set trainer.epochs=16" in err and "Traceback" not in err
+    assert {p.name: p.read_bytes() for p in finished_run.iterdir() if p.is_file()} == before
 
 
 def test_set_overrides_values_and_reports_bad_ones(tmp_path, capsys):

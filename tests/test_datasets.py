@@ -378,8 +378,24 @@ def test_cache_is_keyed_by_options_and_survives_a_damaged_file(tmp_path):
     assert not [p for p in stored if p.name.startswith(".tmp")]  # no temp files left behind
     for path in stored:
         path.write_bytes(path.read_bytes()[:100])  # truncated: unusable
-    again = imagefolder(root=root, cache_dir=cache)
+    with pytest.warns(UserWarning) as said:
+        again = imagefolder(root=root, cache_dir=cache)
     assert again.train.images.shape == (4, 3, 5, 5)
+    messages = [str(w.message) for w in said]
+    assert any(re.search(r"the image cache .*headers-.*safetensors is damaged .*reading every header again", m)
+               for m in messages), messages
+    assert any(re.search(r"the image cache .*safetensors is damaged .*decoding the images again and rewriting it", m)
+               for m in messages), messages
+    assert imagefiles_cache_is_whole(cache)  # rewritten: a third load warns about nothing
+
+
+def imagefiles_cache_is_whole(cache: Path) -> bool:
+    import warnings as w
+
+    with w.catch_warnings():
+        w.simplefilter("error")
+        imagefolder(root=cache.parent / "images", cache_dir=cache)
+    return True
 
 
 def test_cache_remembers_skipped_files(tmp_path):

@@ -352,7 +352,8 @@ CASES = {
     "photos outside the class folders": (_folder(lambda r: (_two_classes(r), write_image(r / "stray.jpg"))), {}, 0,
                                          r"warning: 1 image file directly in .*'stray\.jpg'.* left out"),
     "a plugin's labels out of range": (lambda tmp, mp: {"data": {"name": _plugin_with_bad_labels(tmp, mp), "batch_size": 4}},
-                                       {}, 2, r"data: shifted: labels of the train split must be class indices in \[0, 2\)"),
+                                       {}, 2, r"data: shifted \(plugin 'shifted', shifted-data 0\.1\) made bad labels: labels of the train "
+                                       r"split must be class indices in \[0, 2\)"),
 }
 
 

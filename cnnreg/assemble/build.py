@@ -18,6 +18,7 @@ from cnnreg.core.device import apply_precision, configure_backends, resolve_devi
 from cnnreg.core.run import Run
 from cnnreg.inputs.batches import make_batches
 from cnnreg.inputs.prepare import prepare_batch
+from cnnreg.plugin.events import emit
 from cnnreg.plugin.manager import PluginManager
 from cnnreg.runs.directory import new_run_dir, write_run_files
 
@@ -59,7 +60,8 @@ def build(
             model.to(memory_format=torch.channels_last)
         return distributed.sync_batchnorm(model, dist, opts.sync_batchnorm)
 
-    parts = assemble(recipe, load=True, fold=fold, world_size=dist.world_size, place=place)
+    parts = assemble(recipe, load=True, fold=fold, world_size=dist.world_size, place=place,
+                     output=output and dist.rank == 0 and run_dir is None)
     recipe, data, model = parts.recipe, parts.data, parts.model
     assert data is not None
     batches = make_split_batches(recipe, data, parts.channels, run_device, dist)
@@ -79,15 +81,16 @@ def build(
               loss_fn=parts.loss_fn, train_transforms=parts.train_transforms, eval_transforms=parts.eval_transforms,
               metrics=parts.metrics, callbacks=parts.callbacks, batches=batches, scaler=scaler,
               monitor=parts.monitor, mode=parts.mode, run_dir=Path(run_dir) if run_dir is not None else None,
-              dist=dist, step_model=step_model, choices=parts.choices)
+              dist=dist, step_model=step_model, choices=parts.choices,
+              plugins={name: str(recipe.plugins.origin(name)) for name, _ in recipe.plugins.list_name_plugin()},
+              broken_plugins=tuple(str(b) for b in recipe.catalog.broken),
+              records_pending=run_dir is not None and (Path(run_dir) / "run.json").exists())
     if run.is_main:
-        for plugins in pm.hook.cnnreg_run_plugins(run=run):
-            for plugin in plugins or ():
+        for plugins in emit(run, "cnnreg_run_plugins", run=run):
+            for plugin in plugins:
                 pm.register(plugin)
-    if run.run_dir is not None and run.is_main:
-        installed = recipe.plugins
-        write_run_files(run, plugins={name: str(installed.origin(name)) for name, _ in installed.list_name_plugin()},
-                        broken=[str(b) for b in recipe.catalog.broken])
+    if run.run_dir is not None and run.is_main and not run.records_pending:
+        write_run_files(run)
     return run
 
 

@@ -22,7 +22,7 @@ from cnnreg.core.data import DatasetInfo, DataSource, ImageSplit
 from cnnreg.core.errors import RecipeError, Unavailable, Unchecked, UserError
 from cnnreg.inputs import splits
 from cnnreg.inputs.batches import check_labels, train_batches
-from cnnreg.runs.directory import runs_root
+from cnnreg.runs.directory import output_problem, runs_root
 
 
 def describe(recipe: Recipe, fold: int | None, load: bool,
@@ -140,7 +140,7 @@ def carve(recipe: Recipe, data: DataSource, fold: int | None = None) -> DataSour
     return data
 
 
-def check_data(recipe: Recipe, info: DatasetInfo, *, absent: bool = False) -> None:
+def check_data(recipe: Recipe, info: DatasetInfo, *, absent: bool = False, check_output: bool = True) -> None:
     """What makes a dataset unfit to train a classifier on, whichever plugin made it."""
     problems = []
     where = next((("data", param) for param, _ in info.scanned), ("data",))
@@ -151,6 +151,10 @@ def check_data(recipe: Recipe, info: DatasetInfo, *, absent: bool = False) -> No
             "classifier needs at least two: with a single class every prediction is right and the run "
             "would report a meaningless 100%. Add a folder of images for each other class")))
     output = runs_root(recipe).absolute()
+    if check_output and (reason := output_problem(output)) is not None:
+        where = ("output_dir",) if recipe.output_dir is not None else ()
+        problems.append(recipe.problem(where, f"run directories cannot be written under {output}: {reason}"
+                                       + ("" if where else " (set output_dir, or --output-dir)")))
     for param, folder in info.scanned:
         folder = Path(folder).absolute()
         if output == folder or folder in output.parents:
@@ -163,15 +167,18 @@ def check_data(recipe: Recipe, info: DatasetInfo, *, absent: bool = False) -> No
 
 
 def _check_labels(recipe: Recipe, data: DataSource) -> None:
-    """Every split's labels are class indices: a plugin's off-by-one is named before anything uses them."""
+    """Every split's labels are class indices: a plugin's off-by-one is named, with the plugin,
+    before anything (the validation carving, the confusion matrix) uses them."""
     problems = []
+    component = recipe.component("dataset", recipe.data)
     for name in ("train", "val", "test"):
         split = data.split(name)
         if split is not None:
             try:
                 check_labels(split.labels, data.num_classes, name)
             except UserError as exc:
-                problems.append(recipe.problem(("data",), f"{recipe.data.name}: {exc}"))
+                problems.append(recipe.problem(("data",), f"{recipe.data.name} (plugin {component.plugin!r}, "
+                                                         f"{component.origin}) made bad labels: {exc}"))
     if problems:
         raise RecipeError(problems)
 

@@ -98,10 +98,10 @@ def _call(component: Component, spec: BaseModel, kwargs: dict[str, Any], problem
         raise
     except FileNotFoundError as exc:
         if absent_ok:
-            raise Unavailable(_message(exc)) from None
-        raise RecipeError([problem(f"{spec.name}: {_message(exc)}")]) from None  # type: ignore[attr-defined]
+            raise Unavailable(_message(exc)) from exc
+        raise RecipeError([problem(f"{spec.name}: {_message(exc)}")]) from exc  # type: ignore[attr-defined]
     except (UserError, ValueError, NotADirectoryError, PermissionError) as exc:
-        raise RecipeError([problem(f"{spec.name}: {_message(exc)}")]) from None  # type: ignore[attr-defined]
+        raise RecipeError([problem(f"{spec.name}: {_message(exc)}")]) from exc  # type: ignore[attr-defined]
     except Exception as exc:
         raise RecipeError([problem(f"{spec.name!r} ({_by(component)}) failed: "  # type: ignore[attr-defined]
                                    f"{type(exc).__name__}: {_message(exc)}")]) from None

@@ -77,7 +77,8 @@ class Parts:
 
 
 def assemble(recipe: Recipe, *, load: bool, fold: int | None = None, world_size: int = 1,
-             place: Callable[[nn.Module, DataSource | None, Sequence[Callable]], nn.Module] | None = None) -> Parts:
+             place: Callable[[nn.Module, DataSource | None, Sequence[Callable]], nn.Module] | None = None,
+             output: bool = True) -> Parts:
     """Make and check every part of a run.
 
     :param load: load the data (``run``); otherwise describe it when the
@@ -87,13 +88,14 @@ def assemble(recipe: Recipe, *, load: bool, fold: int | None = None, world_size:
     :param place: called with the checked model (and the data and eval
         transforms) before the optimizer is made: the run moves it to its
         device and precision there, so the optimizer sees the final parameters.
+    :param output: the run will write a run directory: its output folder is checked.
     :raises RecipeError: every problem, located in the recipe.
     """
     unchecked: list[Unchecked] = []
     choices: list[Choice] = []
     with progress.reporting(recipe.trainer.progress):
         info, data, absent = describe(recipe, fold, load, unchecked)
-        check_data(recipe, info, absent=absent)
+        check_data(recipe, info, absent=absent, check_output=output)
         channels = recipe.data.channels or info.channels
         model = _model(recipe, info.num_classes, channels, unchecked=None if load else unchecked)
         if absent:

@@ -22,7 +22,7 @@ from typing import Annotated, Any, Literal, Mapping, Union
 import pydantic
 from pydantic import AfterValidator, BaseModel, Field, PrivateAttr
 
-from cnnreg.core.errors import JsonPath, Problem, RecipeError
+from cnnreg.core.errors import JsonPath, Problem, RecipeError, UserError
 from cnnreg.core.options import DataOptions, RecipeBase, RecipePath, Strict
 from cnnreg.config.jsonpos import JsonSyntaxError, SourceMap, parse
 from cnnreg.plugin.manager import PluginManager, plugin_manager
@@ -216,7 +216,11 @@ def load_recipe(
     """
     raw, recipe_source = _read(source)
     if overrides:
-        raw = apply_overrides(raw, overrides)
+        try:
+            raw = apply_overrides(raw, overrides)
+        except OverrideError as exc:
+            path = tuple(int(p) if p.isdigit() else p for p in exc.key.split("."))
+            raise RecipeError([locate(Problem(path, f"cannot set {exc.key}: {exc.reason}"), recipe_source)]) from None
     recipe_disable = raw.get("disable_plugins", [])
     if pm is None:
         wanted = list(disable) + [n for n in recipe_disable if isinstance(n, str)] if isinstance(recipe_disable, list) else list(disable)
@@ -278,24 +282,51 @@ def _read(source: str | Path | Mapping[str, Any]) -> tuple[dict[str, Any], Recip
     return raw, RecipeSource(path, source_map, path.resolve().parent)
 
 
+class OverrideError(UserError):
+    """A dotted key (``--set``, a sweep parameter) that does not fit the recipe."""
+
+    def __init__(self, key: str, reason: str):
+        self.key, self.reason = key, reason
+        super().__init__(f"{key}: {reason}")
+
+
 def apply_overrides(raw: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
-    """A copy of ``raw`` with dotted keys set (``trainer.epochs`` -> ``{"trainer": {"epochs": ..}}``)."""
+    """A copy of ``raw`` with dotted keys set (``trainer.epochs`` -> ``{"trainer": {"epochs": ..}}``).
+
+    A number indexes a list, as OmegaConf and Hydra read it:
+    ``callbacks.0.monitor`` or ``transforms.train.1.padding``; a missing
+    object on the way is created, a missing list item is an error.
+
+    :raises OverrideError: a key that indexes past a list's end or into a value
+        that is neither an object nor a list.
+    """
     raw = json.loads(json.dumps(raw))
     for dotted, value in overrides.items():
-        node = raw
+        node: Any = raw
         parts = dotted.split(".")
-        for part in parts[:-1]:
-            if isinstance(node, list) and part.isdigit():
-                node = node[int(part)]
-                continue
-            if not isinstance(node.get(part), dict):
-                node[part] = {}
-            node = node[part]
-        last = parts[-1]
-        if isinstance(node, list) and last.isdigit():
-            node[int(last)] = value
-        else:
-            node[last] = value
+        for depth, part in enumerate(parts):
+            here = ".".join(parts[:depth]) or "the recipe"
+            last = depth == len(parts) - 1
+            if isinstance(node, list):
+                if not part.isdigit():
+                    raise OverrideError(dotted, f"{here} is a list; index it with a number (0 to {len(node) - 1})")
+                if int(part) >= len(node):
+                    raise OverrideError(dotted, f"{here} has {len(node)} item{'s' if len(node) != 1 else ''}"
+                                        + (f" (0 to {len(node) - 1})" if node else "") + f"; there is no item {part}")
+                index: Any = int(part)
+            elif isinstance(node, dict):
+                index = part
+                if not last and not isinstance(node.get(part), (dict, list)):
+                    if parts[depth + 1].isdigit():
+                        raise OverrideError(dotted, f"{'.'.join(parts[:depth + 1])} is not a list in the recipe, "
+                                                    f"so it has no item {parts[depth + 1]}")
+                    node[part] = {}
+            else:
+                raise OverrideError(dotted, f"{here} is {_json_type(node)}, which has no {part!r} inside")
+            if last:
+                node[index] = value
+            else:
+                node = node[index]
     return raw
 
 

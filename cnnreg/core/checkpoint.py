@@ -46,10 +46,11 @@ def atomic_write(path: Path, write_to: Callable[[Path], None]) -> None:
         _fsync_dir(path.parent)
     except BaseException as exc:
         tmp.unlink(missing_ok=True)
-        if isinstance(exc, (OSError, RuntimeError)) and not isinstance(exc, CheckpointError):
-            reason = _io_reason(exc)
-            kept = f"; the previous {path.name} is intact" if path.exists() else ""
-            raise CheckpointError(f"could not write {path}: {reason}{kept}") from None
+        if isinstance(exc, Exception) and not isinstance(exc, CheckpointError):
+            # Every writer's failure, whatever it raises (OSError, torch's RuntimeError,
+            # safetensors' SafetensorError, ...): one error that names the file and the cause.
+            kept = f"; the previous {path.name} is intact" if path.exists() else f"; no {path.name} was kept"
+            raise CheckpointError(f"could not write {path}: {_io_reason(exc)}{kept}") from exc
         raise
 
 
@@ -116,11 +117,13 @@ def load_state(path: Path) -> dict[str, Any]:
     except pickle.UnpicklingError as exc:
         raise CheckpointError(
             f"refused to load {path}: it holds Python objects that would run code when unpickled "
-            f"({str(exc).strip().splitlines()[0][:200]}). cnnreg loads only tensors and plain data; "
+            f"({first_line(str(exc))}). cnnreg loads only tensors and plain data; "
             "re-save it as a state dict or safetensors") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as exc:
-        raise CheckpointError(f"{path} is not a readable checkpoint ({str(exc).splitlines()[0][:200]}); "
-                              "was it cut short?") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, IndexError, ValueError) as exc:
+        size = path.stat().st_size if path.exists() else 0
+        what = "it is empty (0 bytes)" if size == 0 else f"{type(exc).__name__}: {first_line(str(exc)) or 'unreadable'}"
+        raise CheckpointError(f"{path} is not a readable checkpoint ({what}); was it cut short? A run whose "
+                              "last.pt is lost can only start again") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{path} holds a {type(state).__name__}, not a cnnreg training state")
     return state
@@ -154,15 +157,31 @@ def _key_report(missing: list[str], unexpected: list[str]) -> str:
     return "; ".join(parts)
 
 
+# What the writers say when the disk fills: torch's zip writer reports the
+# short write as "file write failed" or "unexpected pos N vs M", safetensors
+# as "No space left on device", or the file size limit as "File too large".
+_DISK_FULL = ("no space left", "file write failed", "unexpected pos", "disk quota")
+
+
 def _io_reason(exc: BaseException) -> str:
-    if isinstance(exc, OSError):
-        if exc.errno == errno.ENOSPC:
-            return "no space left on the device"
-        return exc.strerror or str(exc)
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "the disk quota is used up",
+                errno.EFBIG: "the file size limit was reached (ulimit -f)",
+                errno.EROFS: "the file system is read-only",
+                errno.EACCES: "permission denied", errno.EPERM: "permission denied"}.get(
+            exc.errno, exc.strerror or str(exc))
     text = str(exc)
-    if "No space left" in text or "file write failed" in text:
-        return "no space left on the device"
-    return text.splitlines()[0] if text else type(exc).__name__
+    if "file too large" in text.lower():
+        return "the file size limit was reached (ulimit -f)"
+    if any(words in text.lower() for words in _DISK_FULL):
+        return "no space left on the device (the write stopped short)"
+    return first_line(text) or type(exc).__name__
+
+
+def first_line(text: str, limit: int = 200) -> str:
+    """The first line of an error's text, for a one-line message ("" when there is none)."""
+    lines = str(text).strip().splitlines()
+    return lines[0][:limit] if lines else ""
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -63,7 +63,11 @@ class TrainerOptions(Strict):
     mode: Literal["min", "max"] | None = Field(None, description="Whether the monitor is better low or high; inferred.")
     checkpoint_every: int = Field(1, ge=0, description="Save the resumable training state (last.pt) every N epochs; "
                                   "0 only at the end and on interruption.")
-    on_nan: Literal["stop", "skip"] = Field("stop", description="A NaN/inf loss stops the run, or skips that step.")
+    on_nan: Literal["stop", "skip"] = Field("stop", description="A bad loss (NaN, infinite, or diverged) stops the "
+                                           "run, or skips that step.")
+    divergence: float = Field(1000.0, ge=0, description="A step whose loss exceeds this many times the run's first "
+                              "loss (taken as at least 1) has diverged, and is handled as on_nan says; 0 turns the "
+                              "check off.")
     progress: Literal["auto", "rich", "plain", "off"] = Field(
         "auto", description="auto: rich bars on a terminal, one plain line per epoch otherwise.")
     sync_batchnorm: bool = Field(False, description="With several processes (torchrun), compute BatchNorm statistics "

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import pluggy
 import torch
@@ -30,6 +30,10 @@ class Run:
     :param batches: ``{"train": ..., "val": ..., "test": ...}``, :class:`cnnreg.inputs.batches.Batches`.
     :param step_model: the compiled or DDP-wrapped model the step calls (``model`` otherwise).
     :param choices: what the run chose for what the recipe left out.
+    :param plugins: the installed plugins the run was assembled from, and the distribution of each.
+    :param broken_plugins: the plugins that failed to load, with their errors.
+    :param records_pending: the run directory held a run already (``--resume``): its
+        recipe.json and run.json are rewritten only once ``fit`` has checked the resume.
     """
 
     recipe: RecipeBase
@@ -55,6 +59,9 @@ class Run:
     dist: DistInfo = field(default_factory=DistInfo)
     step_model: nn.Module | None = None
     choices: tuple[Choice, ...] = ()
+    plugins: Mapping[str, str] = field(default_factory=dict)
+    broken_plugins: tuple[str, ...] = ()
+    records_pending: bool = False
 
     @property
     def epochs(self) -> int:

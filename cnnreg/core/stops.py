@@ -38,3 +38,20 @@ class NonFiniteLoss(TrainingStopped):
 
 class OutOfMemory(TrainingStopped):
     """The device ran out of memory."""
+
+
+class StateNotSaved(TrainingStopped):
+    """The resumable state (last.pt) could not be written: training stops
+    rather than go on without a way back."""
+
+
+class PluginFailed(TrainingStopped):
+    """A plugin raised, or returned what its hook does not take, during a run.
+
+    :param plugin: the plugin's name; ``origin``: the distribution it came from.
+    :param hook: the hook it failed in.
+    """
+
+    def __init__(self, plugin: str, origin: str, hook: str, message: str):
+        self.plugin, self.origin, self.hook = plugin, origin, hook
+        super().__init__(f"plugin {plugin!r} ({origin}) failed in {hook}: {message}")

@@ -1,20 +1,37 @@
-"""Rich tables of results, shared by the progress display and the CLI."""
+"""Rich tables of results, shared by the progress display and the CLI.
+
+Every table is a :class:`PlainTable`: its title and cells are shown as
+written, never read as rich markup, so a class called ``[red]dog`` or a
+path with brackets in it shows as itself instead of vanishing.
+"""
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
-from cnnreg.core.records import EvalResult
+
+class PlainTable(Table):
+    """A rich ``Table`` whose string title and cells are plain text, not markup."""
+
+    def __init__(self, *columns: Any, title: str | Text | None = None, **options: Any):
+        super().__init__(*columns, title=Text(title) if isinstance(title, str) else title, **options)
+
+    def add_row(self, *cells: Any, **options: Any) -> None:
+        super().add_row(*(Text(cell) if isinstance(cell, str) else cell for cell in cells), **options)
+
+if TYPE_CHECKING:  # pragma: no cover - annotations only: the CLI imports this without torch
+    from cnnreg.core.records import EvalResult
 
 PER_CLASS_ORDER = ("precision", "recall", "f1", "support")
 
 
 def metrics_table(metrics: Mapping[str, float], title: str = "") -> Table:
     """Scalar metrics, one row each."""
-    table = Table(title=title or None, title_justify="left")
+    table = PlainTable(title=title or None, title_justify="left")
     table.add_column("metric")
     table.add_column("value", justify="right")
     for name, value in metrics.items():
@@ -26,7 +43,7 @@ def per_class_table(result: EvalResult, max_rows: int = 100) -> Table:
     """Precision, recall, F1 and support for each class of one split."""
     columns = [c for c in PER_CLASS_ORDER if c in result.per_class]
     columns += [c for c in result.per_class if c not in columns]
-    table = Table(title=f"per-class results ({result.split})", title_justify="left")
+    table = PlainTable(title=f"per-class results ({result.split})", title_justify="left")
     table.add_column("class")
     for column in columns:
         table.add_column(column, justify="right")

@@ -27,6 +27,7 @@ from cnnreg.core.run import Run
 from cnnreg.core.stops import NonFiniteLoss, OutOfMemory
 from cnnreg.engine.tallies import LossReader, Tallies
 from cnnreg.inputs.prepare import prepare_batch
+from cnnreg.plugin.events import emit, listens
 
 PROGRESS_INTERVAL = 0.25  # seconds between progress hook calls
 
@@ -51,6 +52,36 @@ class Timing:
                 self.compiled_train = True
             else:
                 self.compiled_eval = True
+
+
+class LossGuard:
+    """Divergence, on the device: a step whose loss is NaN, infinite, or above
+    ``factor`` times the run's first loss (at least 1) is bad, as ``trainer.divergence`` says.
+
+    The first loss is kept as a device tensor, set without a host read at the
+    first step, and saved with the training state so a resumed run keeps its reference.
+    """
+
+    def __init__(self, factor: float, device: torch.device):
+        self.factor = float(factor)
+        self.reference = torch.full((), -1.0, dtype=torch.float32, device=device)
+
+    def bad(self, loss: torch.Tensor) -> torch.Tensor:
+        """bool tensor: this step's loss has diverged (or is not finite)."""
+        loss = loss.detach().float()
+        finite = torch.isfinite(loss)
+        self.reference.copy_(torch.where((self.reference < 0) & finite, loss, self.reference))
+        if self.factor <= 0:
+            return ~finite
+        return ~finite | (loss > self.factor * self.reference.clamp(min=1.0))
+
+    def reference_value(self) -> float | None:
+        value = float(self.reference.item())  # at checkpoints only, not in the step
+        return value if value >= 0 else None
+
+    def restore(self, value: float | None) -> None:
+        if value is not None:
+            self.reference.fill_(float(value))
 
 
 class Signals:
@@ -87,7 +118,7 @@ class LeaveAt(Exception):
 
 
 def train_epoch(run: Run, epoch: int, tallies: Tallies, skip_batches: int, signals: Signals,
-                timing: Timing) -> float:
+                timing: Timing, guard: LossGuard) -> float:
     """One pass over the training split (from batch ``skip_batches`` on); returns its wall time in seconds."""
     opts = run.recipe.trainer
     model = run.step_model if run.step_model is not None else run.model
@@ -103,8 +134,8 @@ def train_epoch(run: Run, epoch: int, tallies: Tallies, skip_batches: int, signa
             # gradients add up over `accumulate` batches; the last batch of each group steps
             steps = (index + 1) % opts.accumulate == 0 or index + 1 == len(batches)
             logits, loss = forward_backward(run, model, images, targets, sample_index, epoch, sync=steps)
-            finite = tallies.note_finite(loss, index)
-            if opts.on_nan == "skip" and not bool(finite):  # opt-in: costs one host sync per step
+            bad = tallies.note_bad(guard.bad(loss), loss, index)
+            if opts.on_nan == "skip" and bool(bad):  # opt-in: costs one host sync per step
                 run.optimizer.zero_grad(set_to_none=True)
                 continue
             tallies.update(logits, targets, loss)
@@ -169,8 +200,7 @@ def prepare(run: Run, images: torch.Tensor, transforms: Sequence[Callable], inde
 def _step_hook(run: Run, batches: int) -> Callable[[int, int], None] | None:
     """``cnnreg_optimizer_step`` for the step ending at a batch, or ``None`` when no plugin
     listens (the call would cost a hook dispatch per step for nothing)."""
-    hook = run.pm.hook.cnnreg_optimizer_step
-    if not hook.get_hookimpls():
+    if not listens(run, "cnnreg_optimizer_step"):
         return None
     accumulate = run.recipe.trainer.accumulate
     per_epoch = math.ceil(batches / accumulate)
@@ -178,7 +208,7 @@ def _step_hook(run: Run, batches: int) -> Callable[[int, int], None] | None:
 
     def call(epoch: int, index: int) -> None:
         step = (epoch - 1) * per_epoch + math.ceil((index + 1) / accumulate)
-        hook(run=run, epoch=epoch, step=step, total_steps=total)
+        emit(run, "cnnreg_optimizer_step", run=run, epoch=epoch, step=step, total_steps=total)
 
     return call
 
@@ -203,17 +233,19 @@ class _Progress:
         if loss is not None and not math.isfinite(loss) and run.recipe.trainer.on_nan == "stop":
             raise_bad_step(run, self.epoch, tallies)
         if run.is_main:
-            run.pm.hook.cnnreg_train_progress(run=run, progress=ProgressRecord(
+            emit(run, "cnnreg_train_progress", run=run, progress=ProgressRecord(
                 epoch=self.epoch, epochs=run.epochs, step=index + 1, steps=self.steps,
                 images=self.done * run.batches["train"].batch_size, seconds=now - start, loss=loss))
 
 
 def raise_bad_step(run: Run, epoch: int, tallies: Tallies) -> None:
-    step = int(tallies.bad_step.item())
-    kept = f"; the last good checkpoint in {run.run_dir} is kept" if run.run_dir else ""
-    raise NonFiniteLoss(f"the loss became NaN or infinite at epoch {epoch}, step {step + 1}{kept}. "
-                        "Lower the learning rate, add gradient clipping (trainer.grad_clip_norm), "
-                        "or set trainer.on_nan to \"skip\"")
+    """Stop on the epoch's first bad step (``on_nan: "stop"``): what the loss was, and what to change."""
+    step, loss = int(tallies.bad_step.item()), float(tallies.bad_loss.item())
+    factor = run.recipe.trainer.divergence
+    what = ("became NaN or infinite" if not math.isfinite(loss)
+            else f"diverged to {loss:.3g}, more than {factor:g} times the run's first loss (trainer.divergence)")
+    raise NonFiniteLoss(f"the loss {what} at epoch {epoch}, step {step + 1}. Lower the learning rate, add "
+                        "gradient clipping (trainer.grad_clip_norm), or set trainer.on_nan to \"skip\"")
 
 
 @contextlib.contextmanager

@@ -28,13 +28,15 @@ class Tallies:
         self.extra = [m.init(num_classes, device) if m.init else None for _, m in metrics]
         self.metrics = metrics
         self.bad_step = torch.full((), -1, dtype=torch.int64, device=device)
+        self.bad_loss = torch.zeros((), dtype=torch.float32, device=device)
 
-    def note_finite(self, loss: torch.Tensor, index: int) -> torch.Tensor:
-        """Remember the first batch whose loss is NaN or infinite (on the device,
-        without waiting); returns the bool tensor "this loss is finite"."""
-        finite = torch.isfinite(loss.detach())
-        self.bad_step.copy_(torch.where((self.bad_step < 0) & ~finite, index, self.bad_step))
-        return finite
+    def note_bad(self, bad: torch.Tensor, loss: torch.Tensor, index: int) -> torch.Tensor:
+        """Remember the first batch whose loss was bad (not finite, or diverged) and that
+        loss, on the device, without waiting; returns ``bad``."""
+        first = (self.bad_step < 0) & bad
+        self.bad_step.copy_(torch.where(first, index, self.bad_step))
+        self.bad_loss.copy_(torch.where(first, loss.detach().float(), self.bad_loss))
+        return bad
 
     def update(self, logits: torch.Tensor, targets: torch.Tensor, loss: torch.Tensor) -> None:
         logits = logits.detach()

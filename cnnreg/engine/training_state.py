@@ -26,7 +26,7 @@ STATE_FORMAT = 1
 
 
 def training_state(run: Run, epoch: int, step_in_epoch: int = 0, tallies: Tallies | None = None,
-                   history: Sequence[EpochRecord] = ()) -> dict[str, Any]:
+                   history: Sequence[EpochRecord] = (), loss_reference: float | None = None) -> dict[str, Any]:
     """Everything needed to continue exactly where training is now.
 
     :param epoch: the last completed epoch.
@@ -45,23 +45,58 @@ def training_state(run: Run, epoch: int, step_in_epoch: int = 0, tallies: Tallie
         "callbacks": [cb.state_dict() if hasattr(cb, "state_dict") else None for cb in run.callbacks],
         "partial": tallies.state() if (tallies is not None and step_in_epoch) else None,
         "history": [record_to_json(r) for r in history],
+        "loss_reference": loss_reference,  # the run's first loss, for trainer.divergence
     }
 
 
 def save_training_state(run: Run, epoch: int, step_in_epoch: int = 0, tallies: Tallies | None = None,
-                        history: Sequence[EpochRecord] = ()) -> Path | None:
-    """Write ``last.pt`` (atomically) and return its path; None without a run directory."""
+                        history: Sequence[EpochRecord] = (), loss_reference: float | None = None) -> Path | None:
+    """Write ``last.pt`` (atomically) and return its path; None without a run directory.
+
+    :raises CheckpointError: it could not be written; the previous last.pt is intact.
+    """
     if run.run_dir is None or not run.is_main:
         return None
     path = run.run_dir / checkpoint.LAST
-    checkpoint.save_state(training_state(run, epoch, step_in_epoch, tallies, history), path)
+    checkpoint.save_state(training_state(run, epoch, step_in_epoch, tallies, history, loss_reference), path)
     return path
+
+
+def check_state_fits(run: Run, state: dict[str, Any]) -> None:
+    """Refuse a training state that another recipe made, saying what differs, before anything is loaded.
+
+    :raises UserError: another model (keys or shapes), another optimizer, or
+        another number of parameter groups.
+    """
+    if state.get("format") != STATE_FORMAT:
+        raise UserError(f"checkpoint format {state.get('format')!r} is not one this cnnreg reads ({STATE_FORMAT})")
+    have = {k: tuple(v.shape) for k, v in checkpoint.unwrap(run.model).state_dict().items()}
+    saved = {k: tuple(v.shape) for k, v in (state.get("model") or {}).items() if isinstance(v, torch.Tensor)}
+    problems = []
+    missing = [k for k in have if k not in saved]
+    extra = [k for k in saved if k not in have]
+    shapes = [f"{k} {list(saved[k])} in last.pt, {list(have[k])} now" for k in have if k in saved and saved[k] != have[k]]
+    for what, keys in (("in the model but not in last.pt", missing), ("in last.pt but not in the model", extra),
+                       ("of another shape", shapes)):
+        if keys:
+            more = f" and {len(keys) - 3} more" if len(keys) > 3 else ""
+            problems.append(f"{len(keys)} tensor{'s' if len(keys) != 1 else ''} {what}: {', '.join(keys[:3])}{more}")
+    optimizer = state.get("optimizer") or {}
+    saved_groups = optimizer.get("param_groups", [])
+    groups = run.optimizer.param_groups
+    if not problems and len(saved_groups) != len(groups):
+        problems.append(f"the optimizer has {len(groups)} parameter groups, last.pt {len(saved_groups)}")
+    elif not problems and [len(g["params"]) for g in saved_groups] != [len(g["params"]) for g in groups]:
+        problems.append("the optimizer's parameter groups hold other parameters than last.pt's")
+    if problems:
+        raise UserError(f"{run.run_dir / checkpoint.LAST} was saved by another recipe than {run.run_dir / 'recipe.json'} "
+                        f"now gives: {'; '.join(problems)}. Nothing was changed: undo the edit to resume, or "
+                        "start a new run with the new recipe")
 
 
 def restore_training_state(run: Run, state: dict[str, Any]) -> tuple[int, int, dict | None, list[EpochRecord]]:
     """Load a training state into the run; returns (start epoch, batches to skip, partial tallies, history)."""
-    if state.get("format") != STATE_FORMAT:
-        raise UserError(f"checkpoint format {state.get('format')!r} is not one this cnnreg reads ({STATE_FORMAT})")
+    check_state_fits(run, state)
     checkpoint.unwrap(run.model).load_state_dict(state["model"])
     run.optimizer.load_state_dict(state["optimizer"])
     if run.schedule is not None and state.get("scheduler") is not None:

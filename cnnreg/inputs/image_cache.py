@@ -125,10 +125,11 @@ def _load_headers(path: Path, listing: FolderListing) -> Headers | None:
         sizes, gray = tensors["sizes"], tensors["gray"]
         bad = tuple((int(i), str(listing.folder / p), str(reason)) for i, p, reason in json.loads(metadata["bad"]))
         if sizes.shape != (len(listing.files), 2) or gray.shape != (len(listing.files),):
-            return None
+            raise ValueError(f"it holds {len(sizes)} headers for {len(listing.files)} files")
         return Headers(sizes.to(torch.int64), gray.to(torch.bool), bad)
-    except (SafetensorError, OSError, KeyError, ValueError, TypeError):
-        return None  # a damaged file is probed again and overwritten
+    except (SafetensorError, OSError, KeyError, ValueError, TypeError) as exc:
+        _damaged(path, exc, "reading every header again")
+        return None
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -158,10 +159,11 @@ def load_cached(path: Path, folder: Path) -> DecodedImages | None:
         images, kept = tensors["images"], tensors["kept"]
         skipped = tuple((str(folder / p), reason) for p, reason in json.loads(metadata["skipped"]))
         if images.dtype != torch.uint8 or images.ndim != 4 or kept.shape != (len(images),):
-            return None
+            raise ValueError(f"it holds {images.dtype} images of shape {tuple(images.shape)}")
         return DecodedImages(images=images, kept=kept.to(torch.int64), skipped=skipped)
-    except (SafetensorError, OSError, KeyError, ValueError, TypeError):
-        return None  # a damaged cache file is decoded again and overwritten
+    except (SafetensorError, OSError, KeyError, ValueError, TypeError) as exc:
+        _damaged(path, exc, "decoding the images again")
+        return None
 
 
 def decode_cached(
@@ -225,3 +227,9 @@ def _decode_known_good(listing, size, channels, bad_images, workers, fit, known_
     skipped = sorted([*((listing.files.index(p), p, r) for p, r in decoded.skipped),
                       *((i, p, r) for i, (p, r) in bad.items())])
     return DecodedImages(images=decoded.images, kept=kept, skipped=tuple((p, r) for _, p, r in skipped))
+
+
+def _damaged(path: Path, exc: BaseException, instead: str) -> None:
+    """A cache file that cannot be read is rebuilt (and overwritten), and the run says so."""
+    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    warnings.warn(f"the image cache {path} is damaged ({reason}); {instead} and rewriting it", stacklevel=3)

@@ -10,6 +10,7 @@ a run from its directory (to evaluate, predict or export) is in
 from __future__ import annotations
 
 import json
+import os
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
@@ -36,6 +37,35 @@ def runs_root(recipe: RecipeBase) -> Path:
     return recipe.output_dir or Path.cwd() / "runs"
 
 
+def output_problem(folder: Path) -> str | None:
+    """Why run directories cannot be made under ``folder``, or ``None`` when they can.
+
+    Checked before anything is trained (by ``run`` and ``validate``): the
+    folder, or the nearest of its parents that exists, must be a writable
+    folder on a writable file system. Nothing is created.
+    """
+    folder = Path(folder).absolute()
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        where = "the output folder" if existing == folder else f"{existing}, a parent of the output folder,"
+        return f"{where} is a file, not a folder: move the file, or choose another output folder"
+    if _read_only(existing):
+        return f"{existing} is on a read-only file system: choose an output folder on a writable disk"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return (f"{existing} is not writable by this user (uid {os.getuid()}): change its permissions, "
+                "or choose an output folder you can write to")
+    return None
+
+
+def _read_only(folder: Path) -> bool:
+    try:
+        return bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+    except (OSError, AttributeError):  # pragma: no cover - platforms without statvfs
+        return False
+
+
 def timestamp() -> str:
     return datetime.now().strftime("%Y%m%d-%H%M%S")
 
@@ -50,21 +80,26 @@ def unique_dir(root: Path, base: str) -> Path:
             return candidate
         except FileExistsError:
             continue
+        except OSError as exc:  # checked up front, but the disk can change in between
+            raise UserError(f"could not create the run directory {candidate}: {exc.strerror or exc}; "
+                            f"{output_problem(root) or 'choose another output folder (--output-dir)'}") from None
     raise UserError(f"could not create a new folder {base} under {root}")
 
 
-def write_run_files(run: Run, plugins: Mapping[str, str], broken: Sequence[str] = ()) -> None:
+def write_run_files(run: Run) -> None:
     """The resolved recipe (re-runnable, resumable) and the environment it ran in.
 
-    :param plugins: the installed plugins the run was assembled from, and the distribution of each.
-    :param broken: the plugins that failed to load, with their errors.
+    A resumed run keeps the record of its start (``created``, the defaults it
+    chose) and adds when it was resumed.
     """
     run.run_dir.mkdir(parents=True, exist_ok=True)
+    before = _read_info(run.run_dir)
     recipe = run.recipe.to_json()
     checkpoint.atomic_write_text(run.run_dir / "recipe.json", json.dumps(recipe, indent=2) + "\n")
     info = {
         "recipe": recipe,
-        "created": datetime.now().isoformat(timespec="seconds"),
+        "created": before.get("created") or datetime.now().isoformat(timespec="seconds"),
+        **({"resumed": [*before.get("resumed", []), datetime.now().isoformat(timespec="seconds")]} if before else {}),
         "seed": run.recipe.seed,
         "device": str(run.device),
         "device_name": torch.cuda.get_device_name(run.device) if run.device.type == "cuda" else run.device.type,
@@ -74,10 +109,10 @@ def write_run_files(run: Run, plugins: Mapping[str, str], broken: Sequence[str] 
         "versions": {"torch": torch.__version__, "cuda": torch.version.cuda, "cudnn":
                      torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
                      "cnnreg": version()},
-        "plugins": dict(plugins),
-        "broken_plugins": list(broken),
+        "plugins": dict(run.plugins),
+        "broken_plugins": list(run.broken_plugins),
         # what the recipe left out and the run chose, with why and how to choose otherwise
-        "defaults": [choice.to_json() for choice in run.choices] or _recorded_defaults(run.run_dir),
+        "defaults": [choice.to_json() for choice in run.choices] or before.get("defaults", []),
         "data": {"classes": list(run.data.classes), "image_size": list(run.data.image_size), "fit": run.data.fit,
                  "channels": run.context.channels, "mean": run.context.mean, "std": run.context.std,
                  "splits": {name: len(b.split) if hasattr(b, "split") else b.num_samples
@@ -87,14 +122,13 @@ def write_run_files(run: Run, plugins: Mapping[str, str], broken: Sequence[str] 
     checkpoint.atomic_write_text(run.run_dir / "run.json", json.dumps(info, indent=2, default=str) + "\n")
 
 
-def _recorded_defaults(run_dir: Path) -> list:
-    """The choices an earlier start of this run recorded: resumed, it reads
-    them back from its recipe.json, so it has none of its own to record."""
+def _read_info(run_dir: Path) -> dict[str, Any]:
+    """What an earlier start of this run recorded in run.json ({} for a new run, or a damaged file)."""
     try:
         info = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return []
-    return info.get("defaults", []) if isinstance(info, dict) else []
+        return {}
+    return info if isinstance(info, dict) else {}
 
 
 def write_summary(run: Run, result: FitResult) -> None:

@@ -16,12 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
-from rich.table import Table
 
 from cnnreg.core import checkpoint
 from cnnreg.assemble.build import build
 from cnnreg.engine.loop import fit
 from cnnreg.runs.directory import new_run_dir
+from cnnreg.core.tables import PlainTable
 from cnnreg.core.errors import UserError
 from cnnreg.config.recipe import Recipe
 from cnnreg.core.records import FitResult
@@ -71,8 +71,8 @@ def aggregate(results: list[FitResult]) -> tuple[dict[str, float], dict[str, flo
     return mean, std
 
 
-def table(result: CrossValidationResult) -> Table:
-    t = Table(title=f"{len(result.folds)}-fold cross-validation (best epoch of each fold)", title_justify="left")
+def table(result: CrossValidationResult) -> PlainTable:
+    t = PlainTable(title=f"{len(result.folds)}-fold cross-validation (best epoch of each fold)", title_justify="left")
     t.add_column("metric")
     for i in range(len(result.folds)):
         t.add_column(f"fold {i + 1}", justify="right")

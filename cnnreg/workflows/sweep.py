@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from rich.console import Console
-from rich.table import Table
 
 from cnnreg.core import checkpoint
+from cnnreg.core.tables import PlainTable
 from cnnreg.core.errors import Problem, RecipeError, UserError
 from cnnreg.config.recipe import Recipe, load_recipe
 from cnnreg.core.options import Sweep, SweepRange
@@ -172,9 +172,9 @@ def write_sweep_json(result: SweepResult, base: Recipe) -> None:
     checkpoint.atomic_write_text(result.run_dir / "sweep.json", json.dumps(data, indent=2) + "\n")
 
 
-def table(result: SweepResult, keys: Sequence[str]) -> Table:
+def table(result: SweepResult, keys: Sequence[str]) -> PlainTable:
     """The trials, best first: the swept values and the best monitored value."""
-    t = Table(title=f"sweep: {len(result.trials)} runs, best {result.monitor} first", title_justify="left")
+    t = PlainTable(title=f"sweep: {len(result.trials)} runs, best {result.monitor} first", title_justify="left")
     t.add_column("trial", justify="right")
     for key in keys:
         t.add_column(key)
