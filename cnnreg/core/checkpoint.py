@@ -50,7 +50,7 @@ def atomic_write(path: Path, write_to: Callable[[Path], None]) -> None:
             # Every writer's failure, whatever it raises (OSError, torch's RuntimeError,
             # safetensors' SafetensorError, ...): one error that names the file and the cause.
             kept = f"; the previous {path.name} is intact" if path.exists() else f"; no {path.name} was kept"
-            raise CheckpointError(f"could not write {path}: {_io_reason(exc)}{kept}") from exc
+            raise CheckpointError(f"could not write {path}: {_io_reason(exc, path)}{kept}") from exc
         raise
 
 
@@ -163,19 +163,36 @@ def _key_report(missing: list[str], unexpected: list[str]) -> str:
 _DISK_FULL = ("no space left", "file write failed", "unexpected pos", "disk quota")
 
 
-def _io_reason(exc: BaseException) -> str:
+def _io_reason(exc: BaseException, path: Path | None = None) -> str:
     if isinstance(exc, OSError) and exc.errno is not None:
         return {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "the disk quota is used up",
-                errno.EFBIG: "the file size limit was reached (ulimit -f)",
+                errno.EFBIG: "the file size limit (ulimit -f) was reached",
                 errno.EROFS: "the file system is read-only",
                 errno.EACCES: "permission denied", errno.EPERM: "permission denied"}.get(
             exc.errno, exc.strerror or str(exc))
     text = str(exc)
     if "file too large" in text.lower():
-        return "the file size limit was reached (ulimit -f)"
+        return "the file size limit (ulimit -f) was reached"
     if any(words in text.lower() for words in _DISK_FULL):
-        return "no space left on the device (the write stopped short)"
+        return _short_write(path)
     return first_line(text) or type(exc).__name__
+
+
+def _short_write(path: Path | None) -> str:
+    """Why a write stopped short when the writer did not say (torch's zip writer does not):
+    the file size limit, when one is set, else a full disk."""
+    import resource
+    import shutil
+
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if limit != resource.RLIM_INFINITY:
+        return f"the file size limit ({limit:,} bytes, ulimit -f) was reached"
+    if path is not None:
+        try:
+            return f"no space left on the device ({shutil.disk_usage(path.parent).free:,} bytes free)"
+        except OSError:
+            pass
+    return "no space left on the device (the write stopped short)"
 
 
 def first_line(text: str, limit: int = 200) -> str:
