@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -428,10 +429,19 @@ def _launch_distributed(args: argparse.Namespace) -> int:
         forwarded += ["--device", args.device]
     if args.output_dir:
         forwarded += ["--output-dir", str(args.output_dir)]
+    if args.traceback:
+        forwarded += ["--traceback"]
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     try:
         torchrun.main(["--standalone", f"--nproc-per-node={args.nproc}", "-m", "cnnreg", "run", *forwarded])
+    except SignalException as exc:
+        # Ctrl-C or SIGTERM reached the launcher: torchrun has passed it on to the
+        # workers, which stopped at one step together and saved (rank 0 said where).
+        Console(stderr=True, highlight=False).print(f"interrupted by {signal.Signals(exc.sigval).name}: the "
+                                                    f"{args.nproc} processes stopped at the same step")
+        return 128 + int(exc.sigval)
     except ChildFailedError as exc:
         # each rank has printed its own error; torch's report of it adds a traceback, not information
         failures = exc.failures

@@ -94,3 +94,95 @@ def test_sync_batchnorm_converts_only_with_several_accelerator_processes() -> No
 def test_agree_is_the_identity_for_one_process() -> None:
     assert distributed.agree("early stopping", distributed.DistInfo()) == "early stopping"
     assert distributed.agree(None, distributed.DistInfo()) is None
+
+
+def _long_recipe(tmp_path: Path, out: str, epochs: int) -> Path:
+    """Two ranks, about 125 steps an epoch each: a signal lands in the middle of one."""
+    recipe = _recipe(tmp_path, out, batch_size=16, epochs=epochs)
+    recipe["data"].update(train_size=4000, val_size=48)
+    recipe["trainer"]["progress"] = "plain"
+    path = tmp_path / f"{out}.json"
+    path.write_text(json.dumps(recipe))
+    return path
+
+
+@pytest.mark.slow
+def test_ctrl_c_under_torchrun_stops_every_rank_at_one_step_and_the_resume_goes_on(tmp_path: Path) -> None:
+    import signal
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    path = _long_recipe(tmp_path, "runs", epochs=3)
+    launcher = subprocess.Popen([sys.executable, "-m", "cnnreg", "run", "--nproc", "2", str(path)], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    for line in launcher.stdout:  # Ctrl-C in the middle of the second epoch, to every process as a terminal does
+        if line.startswith("epoch 1/3"):
+            os.killpg(launcher.pid, signal.SIGINT)
+            break
+    try:
+        out, err = launcher.communicate(timeout=120)  # a rank left waiting for the other would hang here
+    except subprocess.TimeoutExpired:
+        os.killpg(launcher.pid, signal.SIGKILL)
+        pytest.fail("the ranks did not stop together")
+    assert launcher.returncode == 130, out + err
+    assert "the 2 processes stopped at the same step" in err and "Traceback" not in err
+    run_dir, summary = _summary(tmp_path / "runs")
+    assert summary["stopped"] == "interrupted"
+    state = torch.load(run_dir / "last.pt", weights_only=True)
+    # a step all ranks agreed on: every 16th, or the epoch's last (125 steps of 16 per rank)
+    assert state["world_size"] == 2 and (state["step_in_epoch"] % 16 == 0 or state["step_in_epoch"] == 125)
+
+    resumed = cli("run", "--nproc", "2", "--resume", str(run_dir), env={"OMP_NUM_THREADS": "1"}, timeout=240)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    _, summary = _summary(tmp_path / "runs")
+    assert summary["stopped"] == "completed" and summary["epochs_run"] == 3
+
+    uninterrupted = cli("run", "--nproc", "2", str(_long_recipe(tmp_path, "straight", epochs=3)),
+                        env={"OMP_NUM_THREADS": "1"}, timeout=240)
+    assert uninterrupted.returncode == 0, uninterrupted.stderr
+    _, straight = _summary(tmp_path / "straight")
+    for name in ("train_loss", "val_loss"):  # resumed at the saved step, it ends where one run ends
+        assert summary["last"][name] == pytest.approx(straight["last"][name], rel=1e-4), name
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _two_nodes(path: Path, *args: str) -> list[subprocess.CompletedProcess]:
+    """One torchrun agent per "node", one process each, meeting over a loopback rendezvous."""
+    port, env = _free_port(), {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    agents = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node",
+                                "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id",
+                                f"cnnreg-{port}", "--max-restarts", "0", "-m", "cnnreg", "run", *args],
+                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+              for _ in range(2)]
+    done = []
+    for agent in agents:
+        out, err = agent.communicate(timeout=240)
+        done.append(subprocess.CompletedProcess(agent.args, agent.returncode, out, err))
+    return done
+
+
+@pytest.mark.slow
+def test_two_nodes_over_a_loopback_rendezvous_train_and_resume_like_one_node(tmp_path: Path) -> None:
+    path = tmp_path / "two.json"
+    path.write_text(json.dumps(_recipe(tmp_path, "nodes", batch_size=16, epochs=2)))
+    for node in _two_nodes(path, str(path), "--set", "trainer.epochs=1"):
+        assert node.returncode == 0, node.stdout + node.stderr
+    run_dir, summary = _summary(tmp_path / "nodes")  # one directory: only the global rank 0 writes
+    assert summary["epochs_run"] == 1 and json.loads((run_dir / "run.json").read_text())["world_size"] == 2
+    for node in _two_nodes(path, "--resume", str(run_dir), "--set", "trainer.epochs=2"):
+        assert node.returncode == 0, node.stdout + node.stderr
+    _, summary = _summary(tmp_path / "nodes")
+
+    one_node = cli("run", "--nproc", "2", str(path), "--set", f"output_dir={tmp_path / 'node'}",
+                   env={"OMP_NUM_THREADS": "1"}, timeout=240)
+    assert one_node.returncode == 0, one_node.stderr
+    _, single = _summary(tmp_path / "node")
+    assert summary["epochs_run"] == single["epochs_run"] == 2
+    for name in ("train_loss", "val_loss", "val_accuracy"):
+        assert summary["last"][name] == pytest.approx(single["last"][name], rel=1e-6), name

@@ -113,6 +113,16 @@ def agree(decision: str | None, dist: DistInfo) -> str | None:
     return box[0]
 
 
+def any_rank(flag: bool, dist: DistInfo) -> bool:
+    """Whether ``flag`` is set on any process: one tiny all-reduce, so every
+    rank must call it at the same point (the same step of the same epoch)."""
+    if not dist.enabled:
+        return flag
+    box = torch.tensor([1 if flag else 0], dtype=torch.int32, device=dist.device or "cpu")
+    torch_dist.all_reduce(box, op=torch_dist.ReduceOp.MAX)
+    return bool(box.item())
+
+
 def all_reduce(tensor: torch.Tensor, dist: DistInfo) -> None:
     """Sum ``tensor`` over every process, in place (a no-op for one process)."""
     if dist.enabled:

@@ -56,7 +56,7 @@ def fit(run: Run, *, resume: bool = False) -> FitResult:
         start_epoch, skip_batches, partial, history = resume_from(run, guard)
     if run.records_pending and run.run_dir is not None and run.is_main:
         write_run_files(run)  # only now: a resume that cannot go on leaves the records as they were
-    signals = Signals()
+    signals = Signals(run.dist)
     timing = Timing(measure_first=opts.compile != "off")
     stopped = "completed"
     tallies = None
@@ -118,7 +118,7 @@ def fit(run: Run, *, resume: bool = False) -> FitResult:
                     save(epoch)
                 if decision:
                     break
-                if signals.received is not None:
+                if signals.leave_now():
                     raise LeaveAt(epoch + 1, 0)
     except LeaveAt as place:
         save(place.epoch - 1, place.step)

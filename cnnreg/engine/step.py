@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from cnnreg.core.device import autocast, input_dtype
+from cnnreg.core.distributed import DistInfo, any_rank
 from cnnreg.core.records import ProgressRecord
 from cnnreg.core.run import Run
 from cnnreg.core.stops import NonFiniteLoss, OutOfMemory
@@ -84,12 +85,33 @@ class LossGuard:
             self.reference.fill_(float(value))
 
 
+#: Under torchrun, the ranks agree every this many steps whether one of them got a signal.
+STOP_CHECK_EVERY = 16
+
+
 class Signals:
     """SIGINT/SIGTERM during training: the first one is noted (the loop saves at
-    the end of the step and leaves), a second one stops at once."""
+    the end of the step and leaves), a second one stops at once.
 
-    def __init__(self) -> None:
+    With several processes the ranks stop at the same step, or the ones still
+    training would wait forever for the others: every :data:`STOP_CHECK_EVERY`
+    steps (and at the end of an epoch) they agree whether any of them got a
+    signal, one all-reduce of a flag. There a repeated signal does not stop at
+    once: torchrun passes the Ctrl-C it gets on to every worker, which has
+    already had its own.
+    """
+
+    def __init__(self, dist: DistInfo | None = None) -> None:
         self.received: int | None = None
+        self.dist = dist or DistInfo()
+
+    def leave_now(self, index: int | None = None, last: bool = True) -> bool:
+        """Whether to save and leave after this step (``index``) or at this epoch's end (``None``)."""
+        if not self.dist.enabled:
+            return self.received is not None
+        if index is not None and (index + 1) % STOP_CHECK_EVERY and not last:
+            return False
+        return any_rank(self.received is not None, self.dist)
 
     @contextlib.contextmanager
     def watching(self) -> Iterator[Signals]:
@@ -98,9 +120,9 @@ class Signals:
             return
 
         def handler(signum: int, frame: Any) -> None:
-            if self.received is not None:
+            if self.received is not None and not self.dist.enabled:
                 raise KeyboardInterrupt
-            self.received = signum
+            self.received = self.received or signum
 
         previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
@@ -147,7 +169,7 @@ def train_epoch(run: Run, epoch: int, tallies: Tallies, skip_batches: int, signa
                     on_step(epoch, index)
             timing.first_batch_done(run.device, start, "train")
             progress.batch_done(index, tallies, start)
-            if signals.received is not None:
+            if signals.leave_now(index, last=index + 1 == len(batches)):
                 raise LeaveAt(epoch, index + 1)
     return synchronized_since(run.device, start)
 
