@@ -108,6 +108,23 @@ def test_a_folder_the_user_cannot_write_is_refused_before_training():
         shutil.rmtree(tmp_path)
 
 
+def test_an_output_folder_on_a_read_only_file_system_is_refused_before_training(tmp_path):
+    """A read-only tmpfs mounted in a mount namespace of its own (unshare), where the machine permits it."""
+    mount_point = tmp_path / "readonly"
+    mount_point.mkdir()
+    path = write_recipe(tmp_path, output_dir=str(mount_point / "runs"))
+    script = (f"mount -t tmpfs -o ro,size=1m tmpfs {mount_point} || exit 99; "
+              f"exec {sys.executable} -m cnnreg run {path}")
+    if shutil.which("unshare") is None:
+        pytest.skip("needs unshare (util-linux) to mount a read-only file system")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(["unshare", "-rm", "sh", "-c", script], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=180)
+    if done.returncode == 99 or "unshare failed" in done.stderr:
+        pytest.skip(f"this machine does not let the tests mount a file system: {done.stderr.strip()}")
+    assert_clean(done, 2, f"{mount_point} is on a read-only file system: choose an output folder on a writable disk")
+
+
 def test_a_full_disk_at_last_pt_stops_the_run_keeps_the_previous_one_and_says_so(tmp_path):
     # 1 MB: the run's JSON files and best.safetensors (~0.6 MB) fit, last.pt (~2 MB, with Adam's state) does not
     path = write_recipe(tmp_path, model={"name": "simple_cnn"}, trainer__epochs=2,
