@@ -338,3 +338,28 @@ def test_a_sweep_over_a_list_item(tmp_path):
                          sweep={"parameters": {"transforms.train.0.p": [0.2, 0.8]}})
     _, trials = load_trials(recipe)
     assert [t.recipe.transforms.train[0].p for t in trials] == [0.2, 0.8]
+
+
+def test_a_recipe_callback_that_raises_is_named_by_its_place_in_the_recipe(tmp_path):
+    import cnnreg
+    from cnnreg.core.stops import PluginFailed
+
+    class Boom:
+        @cnnreg.hookimpl
+        def cnnreg_epoch_end(self, run, record):
+            raise KeyError("missing")
+
+    class Callbacks:
+        @cnnreg.hookimpl
+        def cnnreg_callbacks(self):
+            def boom() -> Boom:
+                """A callback that fails at an epoch's end."""
+                return Boom()
+            return {"boom": boom}
+
+    recipe = cnnreg.load_recipe(tiny_recipe(tmp_path, trainer__epochs=1, callbacks=[{"name": "metrics_logger"},
+                                                                                   {"name": "boom"}]),
+                                extra=[Callbacks()])
+    with pytest.raises(PluginFailed, match=r"plugin 'boom' \(the recipe's callbacks\[1\]\) failed in "
+                                           r"cnnreg_epoch_end: KeyError: 'missing'"):
+        cnnreg.fit(cnnreg.build(recipe))

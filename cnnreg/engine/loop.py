@@ -121,7 +121,11 @@ def fit(run: Run, *, resume: bool = False) -> FitResult:
                 if signals.leave_now():
                     raise LeaveAt(epoch + 1, 0)
     except LeaveAt as place:
-        save(place.epoch - 1, place.step)
+        try:
+            save(place.epoch - 1, place.step)
+        except StateNotSaved as exc:  # interrupted on a full disk: the earlier last.pt is what there is
+            finish(f"stopped: {exc}")
+            raise
         finish("interrupted")
         raise Interrupted(signals.received or signal.SIGINT, run.run_dir) from None
     except TrainingStopped as exc:

@@ -63,8 +63,10 @@ def _through_pluggy(run: Run, hook: str, caller: Any, kwargs: dict[str, Any]) ->
 
 
 def _failed(run: Run, plugin: str, hook: str, message: str) -> PluginFailed:
-    origins = getattr(run.pm, "origins", {})
-    origin = origins.get(plugin)
-    if origin is None and plugin.startswith("callback-"):
-        origin = "a callback of the recipe"
+    origin = getattr(run.pm, "origins", {}).get(plugin)
+    index = plugin.split("-")[1] if plugin.startswith("callback-") else ""
+    if origin is None and index.isdigit():  # registered by the engine as callback-<i>-<class>
+        specs = getattr(run.recipe, "callbacks", ())
+        name = specs[int(index)].name if int(index) < len(specs) else plugin
+        plugin, origin = name, f"the recipe's callbacks[{index}]"
     return PluginFailed(plugin, str(origin or "registered in-process"), hook, message)
