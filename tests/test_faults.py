@@ -352,7 +352,7 @@ def test_a_recipe_callback_that_raises_is_named_by_its_place_in_the_recipe(tmp_p
     class Callbacks:
         @cnnreg.hookimpl
         def cnnreg_callbacks(self):
-            def boom() -> Boom:
+            def boom():
                 """A callback that fails at an epoch's end."""
                 return Boom()
             return {"boom": boom}
