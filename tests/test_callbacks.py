@@ -321,3 +321,13 @@ def test_tensorboard_log_dir_stays_inside_the_run(tmp_path):
     with pytest.raises(ValueError, match="inside the run directory"):
         callbacks.tensorboard(log_dir="../elsewhere")
     assert callbacks.tensorboard(log_dir="tb/run1").log_dir == "tb/run1"
+
+
+def test_early_stopping_on_a_loss_needs_a_drop_larger_than_min_delta(tmp_path):
+    """mode min: 0.95 and 0.92 are lower than 1.0, but not by 0.1; 0.85 is."""
+    script = Script([1.0, 0.95, 0.92, 0.85, 0.8, 0.79])
+    run = scripted_run(tmp_path, script, [{"name": "early_stopping", "monitor": "val_scripted", "mode": "min",
+                                           "patience": 2, "min_delta": 0.1}], output=False, trainer__epochs=6)
+    result = cnnreg.fit(run)
+    assert [r.epoch for r in result.records] == [1, 2, 3]
+    assert result.stopped == "early stopping: val_scripted did not improve by 0.1 for 2 epochs (best 1.0000 at epoch 1)"

@@ -224,3 +224,29 @@ def test_compiled_model_trains_and_reports_compile_time_apart(tmp_path):
     assert result.records[-1].metrics["val_accuracy"] > 0.34
     assert run.step_model is not run.model  # the step calls the compiled module ...
     assert cnnreg.evaluate(run, "test").metrics["accuracy"] > 0.34  # ... and evaluation works with it
+
+
+class StepRecorder:
+    """The model's weights at every optimizer step, from the cnnreg_optimizer_step event."""
+
+    def __init__(self):
+        self.steps: list[tuple[int, int, int]] = []
+        self.weights: list[torch.Tensor] = []
+
+    @hookimpl
+    def cnnreg_optimizer_step(self, run, epoch, step, total_steps):
+        self.steps.append((epoch, step, total_steps))
+        self.weights.append(torch.cat([p.detach().flatten().clone() for p in run.model.parameters()]))
+
+
+def test_accumulation_steps_on_the_last_partial_group_too(tmp_path):
+    """Five batches an epoch, two per step: two full groups and a last group of one, which must step."""
+    recorder = StepRecorder()
+    recipe = cnnreg.load_recipe(tiny_recipe(tmp_path, trainer__epochs=2, trainer__accumulate=2,
+                                            data__train_size=160, data__batch_size=32, scheduler={"name": "onecycle"}),
+                                extra=[recorder])
+    run = cnnreg.build(recipe, output=False)
+    cnnreg.fit(run)
+    assert recorder.steps == [(1, 1, 6), (1, 2, 6), (1, 3, 6), (2, 4, 6), (2, 5, 6), (2, 6, 6)]
+    assert not torch.equal(recorder.weights[1], recorder.weights[2])  # the one-batch group moved the weights
+    assert run.schedule.scheduler.last_epoch == 6  # and the per-step schedule counted it

@@ -197,3 +197,19 @@ def test_top_k_update_never_waits_for_the_gpu():
         torch.cuda.set_sync_debug_mode("default")
     expected = 3 * int((logits.topk(3, 1).indices == targets[:, None]).any(1).sum())
     assert int(hits) == expected
+
+
+def test_tallies_count_true_classes_in_rows_and_predictions_in_columns():
+    """Orientation, from logits a reader can check by hand: three samples of class 0, all
+    predicted as class 1, and one of class 1 predicted right. A transposed matrix swaps
+    precision and recall, which a symmetric example cannot show."""
+    from cnnreg.engine.tallies import Tallies
+
+    tallies = Tallies(2, [("precision", precision()), ("recall", recall())], torch.device("cpu"))
+    logits = torch.tensor([[0.0, 1.0], [0.0, 1.0], [0.0, 1.0], [0.0, 1.0]])
+    tallies.update(logits, torch.tensor([0, 0, 0, 1]), torch.tensor(1.0))
+    result = tallies.read("val", ("cat", "dog"))
+    assert result.confusion == ((0, 3), (0, 1))  # row: the true class; column: the prediction
+    assert result.per_class["support"] == (3.0, 1.0)
+    assert result.per_class["recall"] == pytest.approx((0.0, 1.0))  # no cat found; the one dog found
+    assert result.per_class["precision"] == pytest.approx((0.0, 0.25))  # 1 of the 4 "dog" answers right

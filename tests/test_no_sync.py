@@ -54,4 +54,7 @@ def host_reads_during_fit(tmp_path, monkeypatch, train_size: int) -> int:
 def test_host_reads_do_not_grow_with_the_number_of_steps(tmp_path, monkeypatch):
     few = host_reads_during_fit(tmp_path / "few", monkeypatch, train_size=48)    # 3 steps an epoch
     many = host_reads_during_fit(tmp_path / "many", monkeypatch, train_size=192)  # 12 steps an epoch
+    # Positive control: the metrics are read once an epoch, so the counter must see some
+    # reads at all; 0 == 0 would mean it looked at the wrong files (a non-editable install).
+    assert few > 0, f"no host read counted from {OURS}: the counter watches nothing"
     assert many == few, f"{many - few} extra host reads for 18 extra steps: something syncs inside the step"

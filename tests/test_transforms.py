@@ -71,9 +71,12 @@ def test_flip_probability_extremes():
 # -- random crop -------------------------------------------------------------------------
 
 
-def _torchvision_padding(t: T.RandomCrop, x: torch.Tensor) -> list[int]:
-    left, top, right, bottom = t.padding_for(x)
-    return [left, top, right, bottom]
+def _torchvision_padding(padding) -> list[int]:
+    """The user's padding argument as torchvision reads it (a reference independent of ours):
+    one int for every side, [left/right, top/bottom], or [left, top, right, bottom]."""
+    if padding is None:
+        return [0]
+    return [padding] if isinstance(padding, int) else list(padding)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -84,7 +87,7 @@ def test_random_crop_matches_torchvision_per_image(device, padding_mode, size, p
     x = batch(device=device)
     t = T.random_crop(size, padding=padding, fill=0.25, padding_mode=padding_mode)
     params = t.draw(x)
-    pad = _torchvision_padding(t, x)
+    pad = _torchvision_padding(padding)
     h, w = t.size
 
     def reference(b, img):
@@ -543,3 +546,39 @@ def test_no_transform_synchronises_with_the_host_on_cuda():
             t(x)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_random_crop_two_value_padding_is_left_right_then_top_bottom():
+    """torchvision's [2, 0]: two columns on each side, no rows; a swap would pad rows instead."""
+    x = torch.ones(1, 1, 4, 4)
+    out = T.random_crop((4, 8), padding=(2, 0), fill=0.0)(x)  # only a crop as wide as the padded image fits
+    assert torch.equal(out, TF.pad(x, [2, 0], fill=0.0))
+
+
+def test_random_resized_crop_keeps_an_asymmetric_aspect_range_as_width_over_height():
+    """ratio is width / height, as in torchvision: boxes drawn from (2, 3) are wide, never tall."""
+    torch.manual_seed(5)
+    p = T.random_resized_crop(8, scale=(0.1, 0.3), ratio=(2.0, 3.0), context=CONTEXT).draw(torch.zeros(4_000, 1, 60, 60))
+    aspect = p.width.float() / p.height.float()
+    assert aspect.min() > 1.8 and aspect.max() < 3.3
+
+
+def test_random_resized_crop_fallback_equals_torchvisions_own_transform():
+    """No drawn box fits scale 1 at aspect 3 on a square image: torchvision's rule then takes
+    the centred box of the nearest allowed aspect. The reference is torchvision's transform itself."""
+    from torchvision.transforms import v2
+
+    x = batch(n=3, h=20, w=20)
+    ours = T.random_resized_crop((6, 9), scale=(1.0, 1.0), ratio=(3.0, 3.0), antialias=True, context=CONTEXT)(x)
+    theirs = v2.RandomResizedCrop((6, 9), scale=(1.0, 1.0), ratio=(3.0, 3.0), antialias=True)
+    expected = torch.stack([theirs(image) for image in x])
+    assert torch.allclose(ours, expected, atol=1e-5)
+
+
+def test_random_erasing_keeps_an_asymmetric_aspect_range_as_height_over_width():
+    """ratio is height / width for erasing, as torchvision's RandomErasing draws it: (2, 3) erases tall boxes."""
+    torch.manual_seed(6)
+    p = T.random_erasing(p=1.0, scale=(0.05, 0.15), ratio=(2.0, 3.0)).draw(torch.zeros(4_000, 1, 60, 60))
+    h, w = p.height[p.chosen].float(), p.width[p.chosen].float()
+    assert (h / w).min() > 1.8 and (h / w).max() < 3.3
+
