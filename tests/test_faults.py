@@ -9,7 +9,6 @@ full disk through ``RLIMIT_FSIZE``. Plugin faults come from real plugin distribu
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import resource
