@@ -15,7 +15,7 @@ import os
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence, TypeVar
 
 import torch
 
@@ -23,6 +23,8 @@ from cnnreg.core import progress
 from cnnreg.core.errors import UserError
 from cnnreg.inputs.imagefiles import (CACHE_FORMAT, BadImagePolicy, DecodedImages, Fit, FolderListing, Headers,
                                       decode_all, probe_files)
+
+T = TypeVar("T")
 
 
 def default_cache_dir() -> Path:
@@ -113,6 +115,19 @@ def probe_listing(listing: FolderListing, *, cache_dir: Path | None, files: str 
 
 
 def _load_headers(path: Path, listing: FolderListing) -> Headers | None:
+    def parse(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Headers:
+        sizes, gray = tensors["sizes"], tensors["gray"]
+        bad = tuple((int(i), str(listing.folder / p), str(reason)) for i, p, reason in json.loads(metadata["bad"]))
+        if sizes.shape != (len(listing.files), 2) or gray.shape != (len(listing.files),):
+            raise ValueError(f"it holds {len(sizes)} headers for {len(listing.files)} files")
+        return Headers(sizes.to(torch.int64), gray.to(torch.bool), bad)
+
+    return _load(path, parse, "reading every header again")
+
+
+def _load(path: Path, parse: Callable[[dict[str, torch.Tensor], dict[str, str]], T], instead: str) -> T | None:
+    """What ``parse(tensors, metadata)`` makes of the safetensors file at ``path``; ``None``
+    when it is absent, or damaged (then rebuilt, and the run says so)."""
     from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
@@ -121,14 +136,9 @@ def _load_headers(path: Path, listing: FolderListing) -> Headers | None:
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
-        tensors = load_file(str(path))
-        sizes, gray = tensors["sizes"], tensors["gray"]
-        bad = tuple((int(i), str(listing.folder / p), str(reason)) for i, p, reason in json.loads(metadata["bad"]))
-        if sizes.shape != (len(listing.files), 2) or gray.shape != (len(listing.files),):
-            raise ValueError(f"it holds {len(sizes)} headers for {len(listing.files)} files")
-        return Headers(sizes.to(torch.int64), gray.to(torch.bool), bad)
+        return parse(load_file(str(path)), metadata)
     except (SafetensorError, OSError, KeyError, ValueError, TypeError) as exc:
-        _damaged(path, exc, "reading every header again")
+        _damaged(path, exc, instead)
         return None
 
 
@@ -147,23 +157,15 @@ def _fsync_dir(folder: Path) -> None:
 
 def load_cached(path: Path, folder: Path) -> DecodedImages | None:
     """The decoded images stored at ``path``, or ``None`` if absent or unusable."""
-    from safetensors import SafetensorError, safe_open
-    from safetensors.torch import load_file
 
-    if not path.is_file():
-        return None
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-        tensors = load_file(str(path))
+    def parse(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> DecodedImages:
         images, kept = tensors["images"], tensors["kept"]
         skipped = tuple((str(folder / p), reason) for p, reason in json.loads(metadata["skipped"]))
         if images.dtype != torch.uint8 or images.ndim != 4 or kept.shape != (len(images),):
             raise ValueError(f"it holds {images.dtype} images of shape {tuple(images.shape)}")
         return DecodedImages(images=images, kept=kept.to(torch.int64), skipped=skipped)
-    except (SafetensorError, OSError, KeyError, ValueError, TypeError) as exc:
-        _damaged(path, exc, "decoding the images again")
-        return None
+
+    return _load(path, parse, "decoding the images again")
 
 
 def decode_cached(
