@@ -1,0 +1,294 @@
+"""Mutation testing of the modules whose bugs change results silently.
+
+    python tools/mutation.py                  # every module [tool.mutmut] names
+    python tools/mutation.py --changed        # those changed since origin/main (or HEAD)
+    python tools/mutation.py plugins/losses.py cnnreg/engine/step.py
+    python tools/mutation.py --report         # the scores of the last run, nothing run
+
+It runs mutmut (configured in pyproject.toml) and prints, per module, how
+many mutants the tests kill. Needs ``pip install -e '.[mutation]'``.
+
+Why a staged copy: mutmut names a mutant after its file's path, and the
+built-in plugins live in ``plugins/`` but import as ``cnnreg_plugins``, so
+mutants of ``plugins/*.py`` would never be switched on. The tool keeps a copy
+of the tree under ``.mutation/`` where the folder has its import name, and
+runs mutmut there; results are kept between runs, so a second run re-tests
+only the functions that changed and the mutants that were not killed.
+
+Equivalent mutants (a change no test could see, because behaviour does not
+change) are listed with the reason in ``tools/mutation_equivalents.toml``,
+matched by the lines they change, and left out of the score.
+"""
+
+from __future__ import annotations
+
+import argparse
+import filecmp
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+STAGE = REPO / ".mutation"
+EQUIVALENTS = REPO / "tools" / "mutation_equivalents.toml"
+GOAL = 0.90
+# Staged name -> repository folder. Everything the tests read is copied too.
+TREES = {"cnnreg": "cnnreg", "cnnreg_plugins": "plugins", "tests": "tests", "recipes": "recipes"}
+FILES = ("README.md", "recipe.schema.json")
+KILLED = {"killed", "timeout", "segfault", "caught by type check"}
+
+
+@dataclass(frozen=True)
+class Equivalent:
+    path: str  # repository path, e.g. plugins/losses.py
+    original: str
+    mutant: str
+    reason: str
+
+
+@dataclass
+class ModuleScore:
+    path: str
+    counts: dict[str, int] = field(default_factory=dict)
+    equivalent: int = 0
+    survivors: list[tuple[str, str]] = field(default_factory=list)  # (mutant name, diff)
+
+    @property
+    def considered(self) -> int:
+        return sum(n for status, n in self.counts.items() if status != "skipped")
+
+    @property
+    def killed(self) -> int:
+        return sum(self.counts.get(status, 0) for status in KILLED)
+
+    @property
+    def score(self) -> float:
+        return self.killed / self.considered if self.considered else 1.0
+
+
+def staged(path: str) -> str:
+    """``plugins/losses.py`` -> ``cnnreg_plugins/losses.py`` (and back with :func:`unstaged`)."""
+    for name, folder in TREES.items():
+        if path.startswith(folder + "/"):
+            return name + path[len(folder):]
+    return path
+
+
+def unstaged(path: str) -> str:
+    for name, folder in TREES.items():
+        if path.startswith(name + "/"):
+            return folder + path[len(name):]
+    return path
+
+
+def configured_modules() -> list[str]:
+    """The repository paths of the modules ``[tool.mutmut] only_mutate`` names."""
+    config = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["mutmut"]
+    return [unstaged(p) for p in config["only_mutate"]]
+
+
+def changed_modules(since: str | None) -> list[str]:
+    """The configured modules changed since ``since`` (committed, staged or not)."""
+    if since is None:
+        has_upstream = subprocess.run(["git", "rev-parse", "--verify", "-q", "origin/main"], cwd=REPO,
+                                      capture_output=True).returncode == 0
+        since = "origin/main" if has_upstream else "HEAD"
+    diff = subprocess.run(["git", "diff", "--name-only", since, "--"], cwd=REPO, capture_output=True, text=True,
+                          check=True).stdout.split()
+    return [m for m in configured_modules() if m in set(diff)]
+
+
+def sync_tree(source: Path, target: Path) -> None:
+    """Make ``target`` a copy of ``source``, touching only files that differ: mutmut
+    regenerates a module's mutants when its file is newer than the mutants."""
+    target.mkdir(parents=True, exist_ok=True)
+    for item in source.iterdir():
+        if item.name == "__pycache__":
+            continue
+        dest = target / item.name
+        if item.is_dir():
+            sync_tree(item, dest)
+        elif not dest.is_file() or not filecmp.cmp(item, dest, shallow=False):
+            shutil.copy2(item, dest)
+    for item in target.iterdir():
+        if item.name != "__pycache__" and not (source / item.name).exists():
+            shutil.rmtree(item) if item.is_dir() else item.unlink()
+
+
+def stage(modules: list[str]) -> None:
+    for name, folder in TREES.items():
+        sync_tree(REPO / folder, STAGE / name)
+    for name in FILES:
+        shutil.copy2(REPO / name, STAGE / name)
+    # Only the chosen modules: the rest of the configuration stays as it is.
+    chosen = json.dumps([staged(m) for m in modules])
+    lines = [f"only_mutate = {chosen}" if line.startswith("only_mutate") else line
+             for line in _joined((REPO / "pyproject.toml").read_text())]
+    target = STAGE / "pyproject.toml"
+    new = "\n".join(lines) + "\n"
+    if not target.is_file() or target.read_text() != new:
+        target.write_text(new)
+
+
+def _joined(text: str) -> list[str]:
+    """The lines of ``text``, with a multi-line ``only_mutate = [...]`` folded into one."""
+    out: list[str] = []
+    folding = False
+    for line in text.splitlines():
+        if line.startswith("only_mutate"):
+            folding = "]" not in line
+            out.append("only_mutate = []")
+        elif folding:
+            folding = "]" not in line
+        else:
+            out.append(line)
+    return out
+
+
+def meta_path(module: str) -> Path:
+    return STAGE / "mutants" / (staged(module) + ".meta")
+
+
+def retest_unkilled(modules: list[str]) -> int:
+    """Forget the verdicts that were not kills, so mutmut tests them again: the tests may
+    have changed since (mutmut itself keeps every verdict of an unchanged function)."""
+    from mutmut.stats import status_by_exit_code
+
+    count = 0
+    for module in modules:
+        path = meta_path(module)
+        if not path.is_file():
+            continue
+        meta = json.loads(path.read_text())
+        codes = meta.get("exit_code_by_key", {})
+        for key, code in codes.items():
+            if code is not None and status_by_exit_code[code] not in KILLED:
+                codes[key] = None
+                count += 1
+        path.write_text(json.dumps(meta, indent=4))
+    return count
+
+
+def run_mutmut(max_children: int) -> int:
+    log = STAGE / "mutmut.log"
+    print(f"mutmut is running in {STAGE}; its progress is in {log}", flush=True)
+    with log.open("w") as out:
+        return subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", str(max_children)],
+                              cwd=STAGE, stdout=out, stderr=subprocess.STDOUT).returncode
+
+
+def load_equivalents() -> list[Equivalent]:
+    if not EQUIVALENTS.is_file():
+        return []
+    entries = tomllib.loads(EQUIVALENTS.read_text()).get("equivalent", [])
+    return [Equivalent(e["path"], e["original"].strip(), e["mutant"].strip(), e["reason"]) for e in entries]
+
+
+def changed_lines(diff: str) -> tuple[str, str]:
+    """The (original, mutant) lines of a one-place mutation diff, stripped."""
+    removed = [line[1:].strip() for line in diff.splitlines() if line.startswith("-") and not line.startswith("---")]
+    added = [line[1:].strip() for line in diff.splitlines() if line.startswith("+") and not line.startswith("+++")]
+    return " ".join(removed), " ".join(added)
+
+
+def score(modules: list[str]) -> list[ModuleScore]:
+    """Each module's verdicts, read from mutmut's results (run inside the stage, where
+    mutmut finds its configuration)."""
+    os.chdir(STAGE)
+    from mutmut.mutation.diff_apply import get_diff_for_mutant
+    from mutmut.stats import status_by_exit_code
+
+    equivalents = load_equivalents()
+    scores = []
+    for module in modules:
+        result = ModuleScore(module)
+        path = meta_path(module)
+        codes = json.loads(path.read_text()).get("exit_code_by_key", {}) if path.is_file() else {}
+        for name, code in sorted(codes.items()):
+            status = status_by_exit_code[code]
+            if status not in KILLED and status != "skipped":
+                diff = get_diff_for_mutant(name, path=staged(module))
+                original, mutant = changed_lines(diff)
+                if any(e.path == module and e.original == original and e.mutant == mutant for e in equivalents):
+                    result.equivalent += 1
+                    continue
+                result.survivors.append((name, diff))
+            result.counts[status] = result.counts.get(status, 0) + 1
+        scores.append(result)
+    os.chdir(REPO)
+    return scores
+
+
+def report(scores: list[ModuleScore]) -> str:
+    rows = ["| module | mutants | killed | survived | no tests | equivalent | score |",
+            "|---|---:|---:|---:|---:|---:|---:|"]
+    total = ModuleScore("all")
+    for s in scores:
+        rows.append(f"| {s.path} | {s.considered + s.equivalent} | {s.killed} | {s.counts.get('survived', 0)} "
+                    f"| {s.counts.get('no tests', 0)} | {s.equivalent} | {s.score:.1%} |")
+        for status, n in s.counts.items():
+            total.counts[status] = total.counts.get(status, 0) + n
+        total.equivalent += s.equivalent
+    rows.append(f"| **all** | {total.considered + total.equivalent} | {total.killed} | "
+                f"{total.counts.get('survived', 0)} | {total.counts.get('no tests', 0)} | {total.equivalent} "
+                f"| {total.score:.1%} |")
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("modules", nargs="*", help="repository paths of modules (default: all configured)")
+    parser.add_argument("--changed", nargs="?", const="", metavar="REV",
+                        help="only the configured modules changed since REV (default origin/main, else HEAD)")
+    parser.add_argument("--report", action="store_true", help="print the last run's scores; run nothing")
+    parser.add_argument("--survivors", action="store_true", help="print each surviving mutant's diff")
+    parser.add_argument("--max-children", type=int, default=os.cpu_count() or 2)
+    parser.add_argument("--fresh", action="store_true", help="forget every kept result first")
+    args = parser.parse_args(argv)
+
+    known = configured_modules()
+    if args.changed is not None:
+        modules = changed_modules(args.changed or None)
+        if not modules:
+            print("No configured module changed.")
+            return 0
+    else:
+        modules = args.modules or known
+    unknown = [m for m in modules if m not in known]
+    if unknown:
+        print(f"not configured in pyproject.toml [tool.mutmut] only_mutate: {', '.join(unknown)}", file=sys.stderr)
+        return 2
+
+    if not args.report:
+        if args.fresh and STAGE.exists():
+            shutil.rmtree(STAGE)
+        stage(modules)
+        retest_unkilled(modules)
+        start = time.monotonic()
+        code = run_mutmut(args.max_children)
+        print(f"mutmut finished in {time.monotonic() - start:.0f} s (exit status {code})")
+        if code != 0:
+            print((STAGE / "mutmut.log").read_text()[-3000:], file=sys.stderr)
+            return code
+
+    scores = score(modules)
+    if args.survivors:
+        for s in scores:
+            for name, diff in s.survivors:
+                print(f"\n# {name}\n{diff}")
+    print(report(scores))
+    low = [s.path for s in scores if s.score < GOAL]
+    if low:
+        print(f"\nBelow {GOAL:.0%} of mutants killed: {', '.join(low)}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
