@@ -213,6 +213,7 @@ def test_out_of_memory_says_the_batch_size_and_what_to_change(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.compiles
 def test_compiled_model_trains_and_reports_compile_time_apart(tmp_path):
     """trainer.compile runs the step through torch.compile (inductor; on the CPU
     here); its first steps are counted as compilation, not training."""

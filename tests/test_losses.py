@@ -150,6 +150,7 @@ def test_class_weights_are_copied_to_a_device_once():
     assert weights.on(logits.double()).dtype == torch.float64
 
 
+@pytest.mark.compiles
 @pytest.mark.parametrize("factory", [cross_entropy, nll, bce_with_logits], ids=lambda f: f.__name__)
 def test_a_weighted_loss_compiles_in_one_graph_without_recompiling(factory, batch):
     logits, targets = batch
