@@ -89,6 +89,8 @@ def test_a_mutation_diff_gives_the_line_it_changes():
 def test_a_module_scores_its_kills_over_the_mutants_that_ran():
     s = tool.ModuleScore("m.py", counts={"killed": 8, "timeout": 1, "survived": 1, "no tests": 1, "skipped": 3})
     assert (s.killed, s.considered) == (9, 11)
+    running = tool.ModuleScore("m.py", counts={"killed": 1, "not checked": 5})
+    assert running.score == 1.0  # mutants not run yet are not counted as survivors
     assert s.score == pytest.approx(9 / 11)
 
 
@@ -98,3 +100,15 @@ def test_every_listed_equivalent_mutant_still_matches_its_module(entry):
     source = " ".join((REPO / entry.path).read_text().split())
     assert " ".join(entry.original.split()) in source, f"{entry.path} no longer has the line {entry.original!r}: drop or update the entry"
     assert entry.reason.strip(), "say why the mutant cannot change behaviour"
+
+
+@pytest.mark.parametrize("original, mutant, expected", [
+    ("rows = torch.arange(n, device=x.device)[None, :]", "rows = torch.arange(n, device=None)[None, :]", True),
+    ("rows = torch.arange(n, device=x.device)[None, :]", "rows = torch.arange(n, )[None, :]", True),
+    ("v = value.to(x.device)", "v = value.to(None)", True),
+    ("g = torch.rand(b, device=images.device) < p", "g = torch.rand(b, device=images.device) <= p", False),
+    ("v = value.to(x.dtype)", "v = value.to(None)", False),
+    ("rows = torch.arange(n, device=x.device)", "rows = torch.arange(n + 1, device=None)", False),
+])
+def test_only_mutants_that_move_a_tensor_off_its_device_are_set_apart(original, mutant, expected):
+    assert tool.moves_device_only(original, mutant) is expected

@@ -16,8 +16,13 @@ runs mutmut there; results are kept between runs, so a second run re-tests
 only the functions that changed and the mutants that were not killed.
 
 Equivalent mutants (a change no test could see, because behaviour does not
-change) are listed with the reason in ``tools/mutation_equivalents.toml``,
-matched by the lines they change, and left out of the score.
+change) are listed with the reason in ``tools/equivalent_mutants/*.toml``,
+matched by the lines they change, and left out of the score. So are the
+mutants that only move a tensor off its device (``device=x.device`` made
+``None`` or dropped): on a CPU-only machine that changes nothing, and on a
+GPU it fails loudly (tensors on different devices), never silently; the
+CUDA-marked tests run those paths where a GPU is present. They are counted
+in their own column.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import argparse
 import filecmp
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -36,12 +42,15 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 STAGE = REPO / ".mutation"
-EQUIVALENTS = REPO / "tools" / "mutation_equivalents.toml"
+# One file per module or theme: [[equivalent]] path, original, mutant, reason.
+EQUIVALENTS = REPO / "tools" / "equivalent_mutants"
 GOAL = 0.90
 # Staged name -> repository folder. Everything the tests read is copied too.
 TREES = {"cnnreg": "cnnreg", "cnnreg_plugins": "plugins", "tests": "tests", "recipes": "recipes"}
 FILES = ("README.md", "recipe.schema.json")
 KILLED = {"killed", "timeout", "segfault", "caught by type check"}
+# Left out of the score: mutants mutmut skipped, and those not run yet (a run still going).
+NOT_SCORED = {"skipped", "not checked"}
 
 
 @dataclass(frozen=True)
@@ -57,11 +66,16 @@ class ModuleScore:
     path: str
     counts: dict[str, int] = field(default_factory=dict)
     equivalent: int = 0
+    device_only: int = 0
     survivors: list[tuple[str, str]] = field(default_factory=list)  # (mutant name, diff)
 
     @property
     def considered(self) -> int:
-        return sum(n for status, n in self.counts.items() if status != "skipped")
+        return sum(n for status, n in self.counts.items() if status not in NOT_SCORED)
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values()) + self.equivalent + self.device_only
 
     @property
     def killed(self) -> int:
@@ -184,10 +198,23 @@ def run_mutmut(max_children: int) -> int:
 
 
 def load_equivalents() -> list[Equivalent]:
-    if not EQUIVALENTS.is_file():
-        return []
-    entries = tomllib.loads(EQUIVALENTS.read_text()).get("equivalent", [])
+    entries = [e for f in sorted(EQUIVALENTS.glob("*.toml")) for e in tomllib.loads(f.read_text()).get("equivalent", [])]
     return [Equivalent(e["path"], e["original"].strip(), e["mutant"].strip(), e["reason"]) for e in entries]
+
+
+_DEVICE_ARGUMENT = re.compile(r",?\s*device\s*=\s*(?:None|[\w.]+(?:\[[^\]]*\])?)")
+_TO_DEVICE = re.compile(r"\.to\((?:[\w.]*device|None)\)")
+
+
+def _without_device(line: str) -> str:
+    line = _TO_DEVICE.sub(".to()", _DEVICE_ARGUMENT.sub("", line))
+    return re.sub(r"\s+", "", line).replace(",)", ")").replace("(,", "(")
+
+
+def moves_device_only(original: str, mutant: str) -> bool:
+    """Whether a mutant only drops or nulls where a tensor is made (``device=x.device``
+    -> ``device=None`` or gone, ``.to(x.device)`` -> ``.to(None)``)."""
+    return "device" in original and original != mutant and _without_device(original) == _without_device(mutant)
 
 
 def changed_lines(diff: str) -> tuple[str, str]:
@@ -212,11 +239,14 @@ def score(modules: list[str]) -> list[ModuleScore]:
         codes = json.loads(path.read_text()).get("exit_code_by_key", {}) if path.is_file() else {}
         for name, code in sorted(codes.items()):
             status = status_by_exit_code[code]
-            if status not in KILLED and status != "skipped":
+            if status not in KILLED and status not in NOT_SCORED:
                 diff = get_diff_for_mutant(name, path=staged(module))
                 original, mutant = changed_lines(diff)
                 if any(e.path == module and e.original == original and e.mutant == mutant for e in equivalents):
                     result.equivalent += 1
+                    continue
+                if moves_device_only(original, mutant):
+                    result.device_only += 1
                     continue
                 result.survivors.append((name, diff))
             result.counts[status] = result.counts.get(status, 0) + 1
@@ -226,18 +256,20 @@ def score(modules: list[str]) -> list[ModuleScore]:
 
 
 def report(scores: list[ModuleScore]) -> str:
-    rows = ["| module | mutants | killed | survived | no tests | equivalent | score |",
-            "|---|---:|---:|---:|---:|---:|---:|"]
+    rows = ["| module | mutants | killed | survived | no tests | equivalent | device only | not run | score |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     total = ModuleScore("all")
     for s in scores:
-        rows.append(f"| {s.path} | {s.considered + s.equivalent} | {s.killed} | {s.counts.get('survived', 0)} "
-                    f"| {s.counts.get('no tests', 0)} | {s.equivalent} | {s.score:.1%} |")
+        rows.append(f"| {s.path} | {s.total} | {s.killed} | {s.counts.get('survived', 0)} "
+                    f"| {s.counts.get('no tests', 0)} | {s.equivalent} | {s.device_only} | {s.counts.get('not checked', 0)} "
+                    f"| {s.score:.1%} |")
         for status, n in s.counts.items():
             total.counts[status] = total.counts.get(status, 0) + n
         total.equivalent += s.equivalent
-    rows.append(f"| **all** | {total.considered + total.equivalent} | {total.killed} | "
-                f"{total.counts.get('survived', 0)} | {total.counts.get('no tests', 0)} | {total.equivalent} "
-                f"| {total.score:.1%} |")
+        total.device_only += s.device_only
+    rows.append(f"| **all** | {total.total} | {total.killed} | "
+                f"{total.counts.get('survived', 0)} | {total.counts.get('no tests', 0)} | {total.equivalent} | {total.device_only} "
+                f"| {total.counts.get('not checked', 0)} | {total.score:.1%} |")
     return "\n".join(rows)
 
 
