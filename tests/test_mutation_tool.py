@@ -29,7 +29,14 @@ def test_every_configured_module_is_a_file_of_the_repository():
     modules = tool.configured_modules()
     assert "plugins/losses.py" in modules and "cnnreg/engine/step.py" in modules
     missing = [m for m in modules if not (REPO / m).is_file()]
-    assert not missing, f"[tool.mutmut] only_mutate names files that are gone: {missing}"
+    assert not missing, f"[tool.cnnreg.mutation.tests] names modules that are gone: {missing}"
+
+
+def test_every_module_is_judged_by_test_files_that_exist():
+    for module, tests in tool.mutation_config().items():
+        assert tests, module
+        missing = [t for t in tests if not (REPO / t).is_file()]
+        assert not missing, f"{module}: the tests named for it are gone: {missing}"
 
 
 def test_staged_paths_use_the_import_name_of_the_plugins():
@@ -44,7 +51,7 @@ def test_mutmut_names_in_the_stage_match_the_imported_modules():
     # mutmut names a mutant by its path under source_paths; the trampolines compare
     # that with the function's __module__, so the two must agree for every module.
     config = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["mutmut"]
-    for path in config["only_mutate"]:
+    for path in map(tool.staged, tool.configured_modules()):
         top = path.split("/")[0]
         assert top in config["source_paths"], path
         module = path.removesuffix(".py").replace("/", ".")
@@ -52,15 +59,18 @@ def test_mutmut_names_in_the_stage_match_the_imported_modules():
         assert spec is not None and Path(spec.origin).name == Path(path).name, module
 
 
-def test_staging_narrows_the_modules_and_keeps_the_rest_of_the_configuration(tmp_path, monkeypatch):
+def test_a_module_is_staged_alone_with_its_own_tests_and_the_rest_of_the_configuration(tmp_path, monkeypatch):
     monkeypatch.setattr(tool, "STAGE", tmp_path / "stage")
-    tool.stage(["plugins/losses.py"])
-    staged = tomllib.loads((tmp_path / "stage" / "pyproject.toml").read_text())
+    where = tool.stage("plugins/losses.py")
+    assert where == tmp_path / "stage" / "plugins.losses"
+    staged = tomllib.loads((where / "pyproject.toml").read_text())
     assert staged["tool"]["mutmut"]["only_mutate"] == ["cnnreg_plugins/losses.py"]
+    selection = staged["tool"]["mutmut"]["pytest_add_cli_args_test_selection"]
+    assert selection[:-2] == tool.mutation_config()["plugins/losses.py"] and selection[-2:] == ["-m", "not compiles"]
     assert staged["tool"]["mutmut"]["process_isolation"] == "forkserver"
     assert staged["project"]["name"] == tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["name"]
-    assert (tmp_path / "stage" / "cnnreg_plugins" / "losses.py").read_bytes() == (REPO / "plugins/losses.py").read_bytes()
-    assert not (tmp_path / "stage" / "plugins").exists()
+    assert (where / "cnnreg_plugins" / "losses.py").read_bytes() == (REPO / "plugins/losses.py").read_bytes()
+    assert not (where / "plugins").exists()
 
 
 def test_syncing_touches_only_what_changed_and_removes_what_is_gone(tmp_path):

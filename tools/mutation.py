@@ -1,6 +1,6 @@
 """Mutation testing of the modules whose bugs change results silently.
 
-    python tools/mutation.py                  # every module [tool.mutmut] names
+    python tools/mutation.py                  # every module [tool.cnnreg.mutation.tests] names
     python tools/mutation.py --changed        # those changed since origin/main (or HEAD)
     python tools/mutation.py plugins/losses.py cnnreg/engine/step.py
     python tools/mutation.py --report         # the scores of the last run, nothing run
@@ -11,9 +11,13 @@ many mutants the tests kill. Needs ``pip install -e '.[mutation]'``.
 Why a staged copy: mutmut names a mutant after its file's path, and the
 built-in plugins live in ``plugins/`` but import as ``cnnreg_plugins``, so
 mutants of ``plugins/*.py`` would never be switched on. The tool keeps a copy
-of the tree under ``.mutation/`` where the folder has its import name, and
-runs mutmut there; results are kept between runs, so a second run re-tests
-only the functions that changed and the mutants that were not killed.
+of the tree under ``.mutation/<module>/`` where the folder has its import name,
+and runs mutmut there on that module alone, against the tests pyproject.toml
+names for it (``[tool.cnnreg.mutation.tests]``): tried against the whole suite,
+a surviving mutant of the step costs minutes of training tests, and a full run
+would not fit in 90 minutes on 2 cores. Results are kept between runs, so a
+second run re-tests only the functions that changed and the mutants that were
+not killed.
 
 Equivalent mutants (a change no test could see, because behaviour does not
 change) are listed with the reason in ``tools/equivalent_mutants/*.toml``,
@@ -101,10 +105,13 @@ def unstaged(path: str) -> str:
     return path
 
 
+def mutation_config() -> dict[str, list[str]]:
+    """Module (repository path) -> the test files that judge its mutants."""
+    return tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["cnnreg"]["mutation"]["tests"]
+
+
 def configured_modules() -> list[str]:
-    """The repository paths of the modules ``[tool.mutmut] only_mutate`` names."""
-    config = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["mutmut"]
-    return [unstaged(p) for p in config["only_mutate"]]
+    return list(mutation_config())
 
 
 def changed_modules(since: str | None) -> list[str]:
@@ -116,6 +123,12 @@ def changed_modules(since: str | None) -> list[str]:
     diff = subprocess.run(["git", "diff", "--name-only", since, "--"], cwd=REPO, capture_output=True, text=True,
                           check=True).stdout.split()
     return [m for m in configured_modules() if m in set(diff)]
+
+
+def stage_dir(module: str) -> Path:
+    """Each module has a stage of its own: mutmut keeps one test selection per folder,
+    and forgets every verdict when the selection changes."""
+    return STAGE / module.removesuffix(".py").replace("/", ".")
 
 
 def sync_tree(source: Path, target: Path) -> None:
@@ -135,66 +148,59 @@ def sync_tree(source: Path, target: Path) -> None:
             shutil.rmtree(item) if item.is_dir() else item.unlink()
 
 
-def stage(modules: list[str]) -> None:
+def stage(module: str) -> Path:
+    """Copy the tree into the module's stage, with a pyproject.toml whose [tool.mutmut]
+    mutates only that module and runs only its tests."""
+    target = stage_dir(module)
     for name, folder in TREES.items():
-        sync_tree(REPO / folder, STAGE / name)
+        sync_tree(REPO / folder, target / name)
     for name in FILES:
-        shutil.copy2(REPO / name, STAGE / name)
-    # Only the chosen modules: the rest of the configuration stays as it is.
-    chosen = json.dumps([staged(m) for m in modules])
-    lines = [f"only_mutate = {chosen}" if line.startswith("only_mutate") else line
-             for line in _joined((REPO / "pyproject.toml").read_text())]
-    target = STAGE / "pyproject.toml"
+        shutil.copy2(REPO / name, target / name)
+    tests = [t for t in mutation_config()[module] if (REPO / t).is_file()]
+    settings = [f"only_mutate = {json.dumps([staged(module)])}",
+                f"pytest_add_cli_args_test_selection = {json.dumps(tests + ['-m', 'not compiles'])}"]
+    lines = []
+    for line in (REPO / "pyproject.toml").read_text().splitlines():
+        lines.append(line)
+        if line.strip() == "[tool.mutmut]":
+            lines.extend(settings)
     new = "\n".join(lines) + "\n"
-    if not target.is_file() or target.read_text() != new:
-        target.write_text(new)
-
-
-def _joined(text: str) -> list[str]:
-    """The lines of ``text``, with a multi-line ``only_mutate = [...]`` folded into one."""
-    out: list[str] = []
-    folding = False
-    for line in text.splitlines():
-        if line.startswith("only_mutate"):
-            folding = "]" not in line
-            out.append("only_mutate = []")
-        elif folding:
-            folding = "]" not in line
-        else:
-            out.append(line)
-    return out
+    pyproject = target / "pyproject.toml"
+    if not pyproject.is_file() or pyproject.read_text() != new:
+        pyproject.write_text(new)
+    return target
 
 
 def meta_path(module: str) -> Path:
-    return STAGE / "mutants" / (staged(module) + ".meta")
+    return stage_dir(module) / "mutants" / (staged(module) + ".meta")
 
 
-def retest_unkilled(modules: list[str]) -> int:
+def retest_unkilled(module: str) -> int:
     """Forget the verdicts that were not kills, so mutmut tests them again: the tests may
     have changed since (mutmut itself keeps every verdict of an unchanged function)."""
     from mutmut.stats import status_by_exit_code
 
+    path = meta_path(module)
+    if not path.is_file():
+        return 0
+    meta = json.loads(path.read_text())
+    codes = meta.get("exit_code_by_key", {})
     count = 0
-    for module in modules:
-        path = meta_path(module)
-        if not path.is_file():
-            continue
-        meta = json.loads(path.read_text())
-        codes = meta.get("exit_code_by_key", {})
-        for key, code in codes.items():
-            if code is not None and status_by_exit_code[code] not in KILLED:
-                codes[key] = None
-                count += 1
-        path.write_text(json.dumps(meta, indent=4))
+    for key, code in codes.items():
+        if code is not None and status_by_exit_code[code] not in KILLED:
+            codes[key] = None
+            count += 1
+    path.write_text(json.dumps(meta, indent=4))
     return count
 
 
-def run_mutmut(max_children: int) -> int:
-    log = STAGE / "mutmut.log"
-    print(f"mutmut is running in {STAGE}; its progress is in {log}", flush=True)
+def run_mutmut(module: str, max_children: int) -> int:
+    where = stage_dir(module)
+    log = where / "mutmut.log"
+    print(f"{module}: mutmut is running in {where}; its progress is in {log}", flush=True)
     with log.open("w") as out:
         return subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", str(max_children)],
-                              cwd=STAGE, stdout=out, stderr=subprocess.STDOUT).returncode
+                              cwd=where, stdout=out, stderr=subprocess.STDOUT).returncode
 
 
 def load_equivalents() -> list[Equivalent]:
@@ -227,7 +233,6 @@ def changed_lines(diff: str) -> tuple[str, str]:
 def score(modules: list[str]) -> list[ModuleScore]:
     """Each module's verdicts, read from mutmut's results (run inside the stage, where
     mutmut finds its configuration)."""
-    os.chdir(STAGE)
     from mutmut.mutation.diff_apply import get_diff_for_mutant
     from mutmut.stats import status_by_exit_code
 
@@ -236,6 +241,8 @@ def score(modules: list[str]) -> list[ModuleScore]:
     for module in modules:
         result = ModuleScore(module)
         path = meta_path(module)
+        if stage_dir(module).is_dir():
+            os.chdir(stage_dir(module))  # where mutmut finds the module's mutants
         codes = json.loads(path.read_text()).get("exit_code_by_key", {}) if path.is_file() else {}
         for name, code in sorted(codes.items()):
             status = status_by_exit_code[code]
@@ -294,20 +301,23 @@ def main(argv: list[str] | None = None) -> int:
         modules = args.modules or known
     unknown = [m for m in modules if m not in known]
     if unknown:
-        print(f"not configured in pyproject.toml [tool.mutmut] only_mutate: {', '.join(unknown)}", file=sys.stderr)
+        print(f"not configured in pyproject.toml [tool.cnnreg.mutation.tests]: {', '.join(unknown)}", file=sys.stderr)
         return 2
 
     if not args.report:
-        if args.fresh and STAGE.exists():
-            shutil.rmtree(STAGE)
-        stage(modules)
-        retest_unkilled(modules)
-        start = time.monotonic()
-        code = run_mutmut(args.max_children)
-        print(f"mutmut finished in {time.monotonic() - start:.0f} s (exit status {code})")
-        if code != 0:
-            print((STAGE / "mutmut.log").read_text()[-3000:], file=sys.stderr)
-            return code
+        begin = time.monotonic()
+        for module in modules:
+            if args.fresh and stage_dir(module).exists():
+                shutil.rmtree(stage_dir(module))
+            stage(module)
+            retest_unkilled(module)
+            start = time.monotonic()
+            code = run_mutmut(module, args.max_children)
+            print(f"{module}: mutmut finished in {time.monotonic() - start:.0f} s (exit status {code})", flush=True)
+            if code != 0:
+                print((stage_dir(module) / "mutmut.log").read_text()[-3000:], file=sys.stderr)
+                return code
+        print(f"all {len(modules)} modules in {time.monotonic() - begin:.0f} s")
 
     scores = score(modules)
     if args.survivors:
