@@ -122,3 +122,19 @@ def test_every_listed_equivalent_mutant_still_matches_its_module(entry):
 ])
 def test_only_mutants_that_move_a_tensor_off_its_device_are_set_apart(original, mutant, expected):
     assert tool.moves_device_only(original, mutant) is expected
+
+
+def test_shards_split_the_modules_so_each_is_run_exactly_once():
+    modules = tool.configured_modules()
+    shards = [tool.shard(modules, k, 3) for k in (1, 2, 3)]
+    assert sorted(m for s in shards for m in s) == sorted(modules)
+    sizes = [sum((REPO / m).stat().st_size for m in s) for s in shards]
+    # Balanced: no shard carries more than the largest module over another's load.
+    largest = max((REPO / m).stat().st_size for m in modules)
+    assert max(sizes) - min(sizes) <= largest
+    assert tool.shard(modules, 1, 1) == modules
+
+
+def test_a_malformed_shard_is_refused_with_the_form_to_give(capsys):
+    assert tool.main(["--report", "--shard", "4/3"]) == 2
+    assert "give K/N with 1 <= K <= N" in capsys.readouterr().err

@@ -3,6 +3,7 @@
     python tools/mutation.py                  # every module [tool.cnnreg.mutation.tests] names
     python tools/mutation.py --changed        # those changed since origin/main (or HEAD)
     python tools/mutation.py plugins/losses.py cnnreg/engine/step.py
+    python tools/mutation.py --shard 1/3      # a full run in three parts (one per machine or session)
     python tools/mutation.py --report         # the scores of the last run, nothing run
 
 It runs mutmut (configured in pyproject.toml) and prints, per module, how
@@ -123,6 +124,19 @@ def changed_modules(since: str | None) -> list[str]:
     diff = subprocess.run(["git", "diff", "--name-only", since, "--"], cwd=REPO, capture_output=True, text=True,
                           check=True).stdout.split()
     return [m for m in configured_modules() if m in set(diff)]
+
+
+def shard(modules: list[str], index: int, count: int) -> list[str]:
+    """The modules of shard ``index`` (1-based) of ``count``: the largest files first,
+    each to the lightest shard, so shards take about the same time (mutants grow with
+    the code) and every module is in exactly one."""
+    loads = [0] * count
+    chosen: list[list[str]] = [[] for _ in range(count)]
+    for module in sorted(modules, key=lambda m: (-(REPO / m).stat().st_size, m)):
+        lightest = loads.index(min(loads))
+        loads[lightest] += (REPO / module).stat().st_size
+        chosen[lightest].append(module)
+    return [m for m in modules if m in chosen[index - 1]]
 
 
 def stage_dir(module: str) -> Path:
@@ -287,6 +301,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="only the configured modules changed since REV (default origin/main, else HEAD)")
     parser.add_argument("--report", action="store_true", help="print the last run's scores; run nothing")
     parser.add_argument("--survivors", action="store_true", help="print each surviving mutant's diff")
+    parser.add_argument("--shard", metavar="K/N", help="run shard K of N (a full run in N parts, e.g. 1/3)")
     parser.add_argument("--max-children", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--fresh", action="store_true", help="forget every kept result first")
     args = parser.parse_args(argv)
@@ -299,6 +314,12 @@ def main(argv: list[str] | None = None) -> int:
             return 0
     else:
         modules = args.modules or known
+    if args.shard:
+        index, _, count = args.shard.partition("/")
+        if not (index.isdigit() and count.isdigit() and 1 <= int(index) <= int(count)):
+            print(f"--shard {args.shard}: give K/N with 1 <= K <= N, e.g. --shard 1/3", file=sys.stderr)
+            return 2
+        modules = shard(modules, int(index), int(count))
     unknown = [m for m in modules if m not in known]
     if unknown:
         print(f"not configured in pyproject.toml [tool.cnnreg.mutation.tests]: {', '.join(unknown)}", file=sys.stderr)
