@@ -226,14 +226,19 @@ _DEVICE_ARGUMENT = re.compile(r",?\s*device\s*=\s*(?:None|[\w.]+(?:\[[^\]]*\])?)
 _TO_DEVICE = re.compile(r"\.to\((?:[\w.]*device|None)\)")
 
 
+_DEVICE_VALUE = re.compile(r"\b[\w.]+\.device\b")
+
+
 def _without_device(line: str) -> str:
+    line = _DEVICE_VALUE.sub("None", line)  # a device passed by position: x.device -> None
     line = _TO_DEVICE.sub(".to()", _DEVICE_ARGUMENT.sub("", line))
     return re.sub(r"\s+", "", line).replace(",)", ")").replace("(,", "(")
 
 
 def moves_device_only(original: str, mutant: str) -> bool:
     """Whether a mutant only drops or nulls where a tensor is made (``device=x.device``
-    -> ``device=None`` or gone, ``.to(x.device)`` -> ``.to(None)``)."""
+    -> ``device=None`` or gone, ``.to(x.device)`` -> ``.to(None)``, ``f(v, x.device)``
+    -> ``f(v, None)``)."""
     return "device" in original and original != mutant and _without_device(original) == _without_device(mutant)
 
 
