@@ -25,7 +25,7 @@ from cnnreg.core.data import ImageSplit
 from cnnreg.core.errors import RecipeError
 from cnnreg.inputs.prepare import merge_views, prepare_batch, view_weights
 from cnnreg.plugin.hookspecs import hookimpl
-from cnnreg_plugins.alternating_flip import alternating_horizontal_flip
+from cnnreg_plugins.alternating_flip import alternating_horizontal_flip, starts_flipped
 from cnnreg_plugins.tta import tta
 from cnnreg_plugins.weight_averaging import ema, lookahead
 
@@ -68,8 +68,37 @@ def test_views_of_two_expanding_transforms_multiply():
 
 
 def test_tta_that_makes_no_view_is_refused():
-    with pytest.raises(ValueError, match="no extra view"):
+    with pytest.raises(ValueError, match=r"^tta with flip false and translate 0 makes no extra view: enable one"):
         tta(flip=False, translate=0)
+
+
+def test_tta_by_default_is_the_image_and_its_mirror():
+    # the documented default: flip on, no shifts -- two views, half the weight each
+    x = torch.rand(3, 2, 4, 5)
+    default = tta()
+    assert default.view_weights == (0.5, 0.5)
+    assert torch.equal(default(x), torch.cat([x, x.flip(-1)]))
+
+
+def test_tta_shifts_non_square_images_by_translate_pixels_each_way():
+    # 6x9 images and t=2: a swapped height/width or a wrong offset shows
+    x = torch.rand(2, 3, 6, 9)
+    views = tta(flip=False, translate=2)(x).unflatten(0, (3, 2))
+    padded = nn.functional.pad(x, (2, 2, 2, 2), mode="reflect")  # torch's reflect padding, as documented
+    assert torch.equal(views[0], x)
+    assert torch.equal(views[1], padded[:, :, 0:6, 0:9])  # content moved down-right: the up-left shift
+    assert torch.equal(views[2], padded[:, :, 4:10, 4:13])
+    # the interior of a shifted view is the image moved by exactly 2 pixels on both axes
+    assert torch.equal(views[1][..., 2:, 2:], x[..., :-2, :-2]) and torch.equal(views[2][..., :-2, :-2], x[..., 2:, 2:])
+
+
+@pytest.mark.parametrize("translate", [6, 7])
+def test_tta_translate_as_large_as_the_image_is_refused_naming_both_sizes(translate):
+    # reflect padding needs a shift smaller than the shorter side (6 of 6x9); 5 still works
+    x = torch.rand(1, 3, 6, 9)
+    assert tta(flip=False, translate=5)(x).shape == (3, 3, 6, 9)
+    with pytest.raises(ValueError, match=rf"^tta translate {translate} must be smaller than the images \(6x9\)"):
+        tta(flip=False, translate=translate)(x)
 
 
 # -- the alternating flip --------------------------------------------------------------------
@@ -88,6 +117,52 @@ def test_alternating_flip_shows_every_image_mirrored_exactly_every_other_epoch()
     out = flip(x, index=index[:4], epoch=1)
     for i in range(4):
         assert torch.equal(out[i], x[i].flip(-1) if first[i] else x[i])
+
+
+def test_odd_epochs_flip_the_images_that_start_flipped_and_even_epochs_the_others():
+    flip = alternating_horizontal_flip(seed=5)
+    index = torch.arange(1000)
+    first = starts_flipped(index, 5)  # documented: whether an image is flipped in odd epochs
+    for epoch in (1, 3, 5):
+        assert torch.equal(flip.flipped(index, epoch), first)
+    for epoch in (2, 4, 6):
+        assert torch.equal(flip.flipped(index, epoch), ~first)
+
+
+def test_which_images_flip_depends_on_the_index_value_not_its_dtype():
+    # a caller's int32 indices flip the same images as the engine's int64 ones (large indices: no overflow)
+    index = torch.arange(0, 3_000_000, 997)
+    assert torch.equal(starts_flipped(index.to(torch.int32), 2), starts_flipped(index, 2))
+
+
+def test_different_flip_seeds_choose_nearly_independent_halves():
+    # "a fair coin per index and seed": two seeds agree on about half the images, not most or few
+    index = torch.arange(50_000)
+    flips = [starts_flipped(index, seed) for seed in range(10)]
+    for a in range(10):
+        assert 0.45 < flips[a].float().mean() < 0.55
+        for b in range(a):
+            agreement = (flips[a] == flips[b]).float().mean().item()
+            assert 0.35 < agreement < 0.65, (a, b, agreement)
+
+
+def test_without_sample_indices_the_flip_is_a_fair_random_one():
+    # a preview of the augmentations has no indices: each image mirrored or not, at random
+    torch.manual_seed(0)
+    x = torch.rand(200, 3, 4, 5)  # batch 200, 3 channels: a mix-up of the two sizes shows
+    out = alternating_horizontal_flip()(x)
+    mirrored = [torch.equal(out[i], x[i].flip(-1)) for i in range(200)]
+    assert all(m or torch.equal(out[i], x[i]) for i, m in enumerate(mirrored))
+    assert 60 < sum(mirrored) < 140
+
+
+def test_the_flip_seed_defaults_to_what_the_recipe_schema_documents():
+    # editors show recipe.schema.json's defaults: a recipe without a seed flips what they promise
+    schema = json.loads((REPO / "recipe.schema.json").read_text())
+    documented = schema["$defs"]["TransformAlternatingHorizontalFlip"]["properties"]["seed"]["default"]
+    assert alternating_horizontal_flip().seed == documented
+    index = torch.arange(100)
+    assert torch.equal(alternating_horizontal_flip().flipped(index, 1), starts_flipped(index, documented))
 
 
 def test_batches_carry_each_samples_index_in_its_split(tmp_path):
@@ -218,6 +293,77 @@ def test_lookahead_resets_the_weights_to_the_slow_copy_on_its_steps_only():
     assert torch.allclose(model.weight, start + 1.0) and torch.equal(slow.average[0], model.weight)
     assert slow.decay_at(2, 4) == 0.5
     assert lookahead().decay_at(5, 10) == pytest.approx(0.95**5 * 0.5**3)
+
+
+def test_ema_with_eval_with_average_false_validates_the_training_weights_and_ends_with_the_average():
+    model = nn.Linear(2, 3)
+    average = ema(decay=0.5, eval_with_average=False)
+    run = _fake_run(model)
+    average.cnnreg_fit_start(run=run, start_epoch=1)
+    start = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.add_(2.0)
+    average.cnnreg_optimizer_step(run=run, epoch=1, step=1, total_steps=4)
+    average.cnnreg_evaluate_start(run=run, split="val")
+    assert torch.equal(model.weight, start + 2.0) and not average.swapped  # the training weights
+    average.cnnreg_fit_end(run=run, result=None)
+    assert torch.allclose(model.weight, start + 1.0)  # half-way: decay 0.5
+
+
+def test_the_default_ema_moves_a_thousandth_of_the_way_every_step():
+    # documented: decay 0.999, every optimizer step
+    model = nn.Linear(2, 3)
+    average = ema()
+    run = _fake_run(model)
+    average.cnnreg_fit_start(run=run, start_epoch=1)
+    start = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    average.cnnreg_optimizer_step(run=run, epoch=1, step=1, total_steps=100)
+    assert torch.allclose(average.average[0], start + 0.001, atol=1e-6)
+
+
+def test_the_default_lookahead_resets_the_weights_every_fifth_step():
+    # airbench's defaults: every 5 steps, decay 0.95**5 at the end of training
+    model = nn.Linear(2, 3)
+    slow = lookahead()
+    run = _fake_run(model)
+    slow.cnnreg_fit_start(run=run, start_epoch=1)
+    start = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    for step in range(1, 5):
+        slow.cnnreg_optimizer_step(run=run, epoch=1, step=step, total_steps=5)
+        assert torch.equal(model.weight, start + 1.0)
+    slow.cnnreg_optimizer_step(run=run, epoch=1, step=5, total_steps=5)  # the last step: the full decay
+    assert torch.allclose(model.weight, start + (1 - 0.95**5))
+
+
+def test_a_ramped_decay_is_reached_in_full_on_a_one_step_run():
+    # step 1 of 1 is the end of training: (1/1) ** power
+    assert lookahead(decay=0.8, every=1, ramp_power=3.0).decay_at(1, 1) == pytest.approx(0.8)
+    assert lookahead(decay=0.8, every=1, ramp_power=3.0).decay_at(1, 2) == pytest.approx(0.8 * 0.5**3)
+
+
+def test_a_swapped_in_average_survives_saving_and_loading(tmp_path):
+    model = nn.Linear(2, 3)
+    run = _fake_run(model)
+    average = ema(decay=0.5)
+    average.cnnreg_fit_start(run=run, start_epoch=1)
+    start = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.add_(2.0)
+    average.cnnreg_optimizer_step(run=run, epoch=1, step=1, total_steps=4)
+    average.cnnreg_evaluate_start(run=run, split="val")  # the model holds the average (start + 1)
+    torch.save(average.state_dict(), tmp_path / "state.pt")  # as last.pt keeps it
+
+    restored = ema(decay=0.5)
+    restored.load_state_dict(torch.load(tmp_path / "state.pt"))
+    assert restored.swapped
+    restored.cnnreg_fit_start(run=run, start_epoch=2)
+    restored.cnnreg_epoch_start(run=run, epoch=2)  # swaps the training weights back in
+    assert torch.equal(model.weight, start + 2.0) and not restored.swapped
+    assert torch.allclose(restored.average[0], start + 1.0)
 
 
 def test_lookahead_with_no_decay_changes_nothing(tmp_path):
