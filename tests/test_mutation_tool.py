@@ -118,6 +118,8 @@ def test_every_listed_equivalent_mutant_still_matches_its_module(entry):
     ("v = value.to(x.device)", "v = value.to(None)", True),
     ("return _constant(values, like.device, like.dtype)", "return _constant(values, None, like.dtype)", True),
     ("return _constant(values, like.device, like.dtype)", "return _constant(values, like.device, None)", False),
+    ("h, w = ops.boxes(n, area, self.scale, device)", "h, w = ops.boxes(n, area, self.scale, None)", True),
+    ('if device.type == "cuda":', 'if device.type != "cuda":', False),
     ("g = torch.rand(b, device=images.device) < p", "g = torch.rand(b, device=images.device) <= p", False),
     ("v = value.to(x.dtype)", "v = value.to(None)", False),
     ("rows = torch.arange(n, device=x.device)", "rows = torch.arange(n + 1, device=None)", False),

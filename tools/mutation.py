@@ -226,11 +226,11 @@ _DEVICE_ARGUMENT = re.compile(r",?\s*device\s*=\s*(?:None|[\w.]+(?:\[[^\]]*\])?)
 _TO_DEVICE = re.compile(r"\.to\((?:[\w.]*device|None)\)")
 
 
-_DEVICE_VALUE = re.compile(r"\b[\w.]+\.device\b")
+_DEVICE_VALUE = re.compile(r"\b(?:[\w.]+\.)?device\b(?!\s*=)")
 
 
 def _without_device(line: str) -> str:
-    line = _DEVICE_VALUE.sub("None", line)  # a device passed by position: x.device -> None
+    line = _DEVICE_VALUE.sub("None", line)  # a device passed by position: x.device or device -> None
     line = _TO_DEVICE.sub(".to()", _DEVICE_ARGUMENT.sub("", line))
     return re.sub(r"\s+", "", line).replace(",)", ")").replace("(,", "(")
 
