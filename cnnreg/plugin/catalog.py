@@ -235,7 +235,8 @@ def _check_registration(kind: str, hook_name: str, registered: Any) -> Iterable[
         raise TypeError(f"{hook_name}() must return a dict of name -> factory, not {type(registered).__name__}")
     for name, value in registered.items():
         if not isinstance(name, str) or not _NAME.match(name):
-            raise ValueError(f"{hook_name}() registered the invalid name {name!r}; use letters, digits and underscores")
+            raise ValueError(f"{hook_name}() registered the invalid name {name!r}; a name starts with a letter "
+                             "and holds only letters, digits, '_', '.' and '-'")
         family = value if isinstance(value, Family) else None
         factory = family.factory if family else value
         if not callable(factory):
