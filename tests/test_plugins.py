@@ -334,6 +334,8 @@ def _net(num_classes: int = 10):
                        "a name starts with a letter and holds only letters, digits, '_', '.' and '-'"),
     ({"my net": _net}, "ValueError: cnnreg_models() registered the invalid name 'my net'; "
                        "a name starts with a letter and holds only letters, digits, '_', '.' and '-'"),
+    ({"net\n": _net}, "ValueError: cnnreg_models() registered the invalid name 'net\\n'; "
+                       "a name starts with a letter and holds only letters, digits, '_', '.' and '-'"),
     ({7: _net}, "ValueError: cnnreg_models() registered the invalid name 7; "
                 "a name starts with a letter and holds only letters, digits, '_', '.' and '-'"),
     ({"net": 42}, "TypeError: cnnreg_models() registered 'net' as int, which is not callable"),

@@ -51,7 +51,7 @@ CONTEXT_PARAMS: dict[str, dict[str, str]] = {
 # Live objects handed to factories; never part of a recipe.
 INJECTED_PARAMS = {"optimizer": "params", "scheduler": "optimizer"}
 
-_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.\-]*$")
+_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.\-]*")  # whole names only (fullmatch): "$" would let a trailing newline in
 
 
 @dataclass(frozen=True)
@@ -234,7 +234,7 @@ def _check_registration(kind: str, hook_name: str, registered: Any) -> Iterable[
     if not isinstance(registered, dict):
         raise TypeError(f"{hook_name}() must return a dict of name -> factory, not {type(registered).__name__}")
     for name, value in registered.items():
-        if not isinstance(name, str) or not _NAME.match(name):
+        if not isinstance(name, str) or not _NAME.fullmatch(name):
             raise ValueError(f"{hook_name}() registered the invalid name {name!r}; a name starts with a letter "
                              "and holds only letters, digits, '_', '.' and '-'")
         family = value if isinstance(value, Family) else None
