@@ -231,7 +231,7 @@ _DEVICE_VALUE = re.compile(r"\b(?:[\w.]+\.)?device\b(?!\s*=)")
 
 def _without_device(line: str) -> str:
     line = _DEVICE_VALUE.sub("None", line)  # a device passed by position: x.device or device -> None
-    line = _TO_DEVICE.sub(".to()", _DEVICE_ARGUMENT.sub("", line))
+    line = _TO_DEVICE.sub(".to()", _DEVICE_ARGUMENT.sub("", line)).replace(".to(None, ", ".to(")
     return re.sub(r"\s+", "", line).replace(",)", ")").replace("(,", "(")
 
 
