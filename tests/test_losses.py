@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -72,9 +74,17 @@ def test_weights_that_do_not_fit_the_models_output_are_a_clear_error(factory, ba
         loss(logits, targets)
 
 
-@pytest.mark.parametrize("weight", [[-1.0, 1.0], [float("nan"), 1.0], [float("inf"), 1.0], [0.0, 0.0]])
-def test_bad_class_weights_are_refused(weight):
-    with pytest.raises(ValueError, match="class weights"):
+@pytest.mark.parametrize(
+    "weight, message",
+    [
+        ([-1.0, 1.0], r"^class weights must be finite and >= 0, not \[-1.0, 1.0\]$"),
+        ([float("nan"), 1.0], r"^class weights must be finite and >= 0, not \[nan, 1.0\]$"),
+        ([float("inf"), 1.0], r"^class weights must be finite and >= 0, not \[inf, 1.0\]$"),
+        ([0.0, 0.0], r"^class weights are all zero: at least one class must count$"),
+    ],
+)
+def test_bad_class_weights_are_refused_saying_what_is_wrong(weight, message):
+    with pytest.raises(ValueError, match=message):
         cross_entropy(weight=weight, num_classes=2)
 
 
@@ -148,6 +158,41 @@ def test_class_weights_are_copied_to_a_device_once():
     assert weights.on(logits) is first
     assert weights.on(logits.double()) is not first
     assert weights.on(logits.double()).dtype == torch.float64
+
+
+# torch's own weighted losses, the references for the weights the loss callables build themselves
+TORCH_WEIGHTED = {
+    cross_entropy: lambda logits, targets, w: F.cross_entropy(logits, targets, weight=w),
+    nll: lambda logits, targets, w: F.nll_loss(F.log_softmax(logits, 1), targets, weight=w),
+    bce_with_logits: lambda logits, targets, w: F.binary_cross_entropy_with_logits(
+        logits, F.one_hot(targets, logits.shape[1]).to(logits.dtype), weight=w
+    ),
+}
+
+
+@pytest.mark.parametrize("factory", TORCH_WEIGHTED, ids=lambda f: f.__name__)
+def test_inside_a_compiled_graph_the_weights_are_the_users_in_the_logits_dtype(factory, batch, monkeypatch):
+    # A graph builds its weights apart from the eager cache. torch.compile cannot run under
+    # mutation testing (the compiled test below is left out), so take that branch by telling the
+    # loss it is being compiled; float64 logits show whether the weights follow their dtype.
+    logits, targets = batch
+    logits = logits.double()
+    weight = [1.0, 2.0, 0.5, 3.0]
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    got = factory(weight=weight, num_classes=4)(logits, targets)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, TORCH_WEIGHTED[factory](logits, targets, torch.tensor(weight, dtype=torch.float64)))
+
+
+@pytest.mark.parametrize("factory", TORCH_WEIGHTED, ids=lambda f: f.__name__)
+def test_a_loss_step_warns_of_nothing(factory, batch):
+    # The loss runs every step: any warning it raised (torch's deprecated implicit softmax
+    # dimension, say) would fill a user's training log.
+    logits, targets = batch
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        factory()(logits, targets)
+        factory(weight=[1.0, 2.0, 0.5, 3.0], num_classes=4)(logits, targets)
 
 
 @pytest.mark.compiles

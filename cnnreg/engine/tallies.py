@@ -50,12 +50,17 @@ class Tallies:
                 metric.update(state, logits, targets)
 
     def state(self) -> dict[str, Any]:
-        return {"loss_sum": self.loss_sum, "count": self.count, "confusion": self.confusion, "extra": self.extra}
+        # the first bad step too: interrupted just after one, the resumed epoch still stops there
+        return {"loss_sum": self.loss_sum, "count": self.count, "confusion": self.confusion, "extra": self.extra,
+                "bad_step": self.bad_step, "bad_loss": self.bad_loss}
 
     def load(self, state: dict[str, Any]) -> None:
         self.loss_sum.copy_(state["loss_sum"])
         self.count.copy_(state["count"])
         self.confusion.copy_(state["confusion"])
+        if "bad_step" in state:  # absent from states saved before it was kept
+            self.bad_step.copy_(state["bad_step"])
+            self.bad_loss.copy_(state["bad_loss"])
         for mine, saved in zip(self.extra, state["extra"]):
             if mine is not None:
                 mine.copy_(saved)
