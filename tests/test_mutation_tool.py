@@ -100,7 +100,9 @@ def test_a_module_scores_its_kills_over_the_mutants_that_ran():
     s = tool.ModuleScore("m.py", counts={"killed": 8, "timeout": 1, "survived": 1, "no tests": 1, "skipped": 3})
     assert (s.killed, s.considered) == (9, 11)
     running = tool.ModuleScore("m.py", counts={"killed": 1, "not checked": 5})
-    assert running.score == 1.0  # mutants not run yet are not counted as survivors
+    assert running.score == 1.0 and not running.finished  # not run yet: not survivors, but not done
+    assert tool.ModuleScore("m.py", counts={"not checked": 5}).shown_score == "not run"
+    assert s.finished and s.shown_score == "81.8%"
     assert s.score == pytest.approx(9 / 11)
 
 

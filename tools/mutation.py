@@ -90,6 +90,15 @@ class ModuleScore:
     def score(self) -> float:
         return self.killed / self.considered if self.considered else 1.0
 
+    @property
+    def finished(self) -> bool:
+        """Every mutant has a verdict (a run cut short leaves some "not checked")."""
+        return not self.counts.get("not checked", 0)
+
+    @property
+    def shown_score(self) -> str:
+        return f"{self.score:.1%}" if self.considered else "not run"
+
 
 def staged(path: str) -> str:
     """``plugins/losses.py`` -> ``cnnreg_plugins/losses.py`` (and back with :func:`unstaged`)."""
@@ -288,14 +297,14 @@ def report(scores: list[ModuleScore]) -> str:
     for s in scores:
         rows.append(f"| {s.path} | {s.total} | {s.killed} | {s.counts.get('survived', 0)} "
                     f"| {s.counts.get('no tests', 0)} | {s.equivalent} | {s.device_only} | {s.counts.get('not checked', 0)} "
-                    f"| {s.score:.1%} |")
+                    f"| {s.shown_score} |")
         for status, n in s.counts.items():
             total.counts[status] = total.counts.get(status, 0) + n
         total.equivalent += s.equivalent
         total.device_only += s.device_only
     rows.append(f"| **all** | {total.total} | {total.killed} | "
                 f"{total.counts.get('survived', 0)} | {total.counts.get('no tests', 0)} | {total.equivalent} | {total.device_only} "
-                f"| {total.counts.get('not checked', 0)} | {total.score:.1%} |")
+                f"| {total.counts.get('not checked', 0)} | {total.shown_score} |")
     return "\n".join(rows)
 
 
@@ -352,8 +361,12 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"\n# {name}\n{diff}")
     print(report(scores))
     low = [s.path for s in scores if s.score < GOAL]
+    unfinished = [s.path for s in scores if not s.finished]
     if low:
         print(f"\nBelow {GOAL:.0%} of mutants killed: {', '.join(low)}")
+    if unfinished:
+        print(f"\nNot every mutant has been run (run these again to finish): {', '.join(unfinished)}")
+    if low or unfinished:
         return 1
     return 0
 
