@@ -24,9 +24,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from cnnreg.config.recipe import load_recipe
 from cnnreg.plugin.hookspecs import hookimpl
-from cnnreg.plugin.manager import plugin_manager
 
 __all__ = [
     "hookimpl", "plugin_manager", "load_recipe", "validate", "build", "fit", "evaluate", "predict",
@@ -34,9 +32,10 @@ __all__ = [
     "DatasetInfo", "describes", "UserError", "RecipeError", "Unavailable",
 ]
 
-# The engine imports torch; keep `import cnnreg` (and so `cnnreg ls`) light
-# until one of these is used.
+# The engine imports torch; keep `import cnnreg` (and so `cnnreg --version`,
+# `--help` and the cached `cnnreg ls`) light until one of these is used.
 _LAZY = {
+    "load_recipe": "cnnreg.config.recipe", "plugin_manager": "cnnreg.plugin.manager",
     "build": "cnnreg.assemble.build", "fit": "cnnreg.engine.loop", "evaluate": "cnnreg.engine.loop",
     "predict": "cnnreg.workflows.predict", "cross_validate": "cnnreg.workflows.crossval",
     "load_run": "cnnreg.workflows.predict", "load_predictor": "cnnreg.workflows.predict",
@@ -53,6 +52,7 @@ def validate(source: Any, *, strict: bool = False, **kwargs: Any) -> Any:
         defaults the run will choose, what could not be checked here, warnings.
     :raises RecipeError: with every problem found, located in the file.
     """
+    from cnnreg.config.recipe import load_recipe
     from cnnreg.workflows.validation import validate_recipe
 
     return validate_recipe(load_recipe(source, **kwargs), strict=strict)

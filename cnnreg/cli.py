@@ -8,6 +8,7 @@ resumable checkpoint.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -24,13 +25,16 @@ from cnnreg.core.version import version
 
 EXAMPLES = """\
 examples:
-  cnnreg run recipes/quickstart.json             train (offline, synthetic data)
+  cnnreg run quickstart                          train the shipped quickstart (offline, synthetic data)
+  cnnreg recipes                                 the shipped recipes; cnnreg cp NAME [DEST] copies one to edit
+  cnnreg run recipes/quickstart.json             a recipe file
   cnnreg run recipes/mnist-cnn.json --set trainer.epochs=2 --set data.root=../shared/data
   cnnreg run --resume runs/quickstart-20261122-101500
   cnnreg validate recipes/*.json                 check recipes and dry-run them on the CPU
   cnnreg ls models                               list registered models
   cnnreg ls models 'timm:res*'                   list timm architectures
   cnnreg schema > recipe.schema.json             JSON Schema for editors
+  cnnreg ls --json                               any listing as JSON (NO_COLOR=1: no colours)
   cnnreg evaluate runs/quickstart-... --split test
   cnnreg predict runs/quickstart-... cat.png --top-k 3
   cnnreg export runs/quickstart-... --format onnx
@@ -51,7 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "command", None):
         parser.print_help()
         return 2
-    err = Console(stderr=True, highlight=False, soft_wrap=True)
+    err = _console(stderr=True)
     with warnings.catch_warnings():
         # Each command shows each warning once (a fresh filter also forgets what an earlier
         # command in this process showed), as one line without Python's source quote.
@@ -131,14 +135,18 @@ def make_parser() -> argparse.ArgumentParser:
                         help="with an error, also print where it came from (or set CNNREG_TRACEBACK=1)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    def command(name: str, func: Callable[[argparse.Namespace], int], help: str) -> argparse.ArgumentParser:
+    def command(name: str, func: Callable[[argparse.Namespace], int], help: str,
+                json_output: str | None = None) -> argparse.ArgumentParser:
         p = sub.add_parser(name, parents=[common], help=help, description=help,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
-        p.set_defaults(func=func)
+        p.set_defaults(func=func, json=False)
+        if json_output:
+            p.add_argument("--json", action="store_true", help=f"print {json_output} as JSON on stdout")
         return p
 
-    p = command("run", cmd_run, "train a recipe (or resume a run)")
-    p.add_argument("recipe", nargs="?", type=Path, help="recipe JSON file")
+    p = command("run", cmd_run, "train a recipe (or resume a run)",
+                json_output="the run's outcome (progress goes to stderr)")
+    p.add_argument("recipe", nargs="?", type=Path, help="recipe JSON file, or a shipped recipe's name (cnnreg recipes)")
     p.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                    help="override a recipe value, e.g. trainer.epochs=3 (VALUE is JSON, or a plain string)")
@@ -146,48 +154,67 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", type=Path, help="where run directories go (default ./runs)")
     p.add_argument("--nproc", type=int, metavar="N", help="run N processes with torch.distributed.run")
 
-    p = command("sweep", cmd_sweep, "train every point of a recipe's sweep section and rank them")
+    p = command("sweep", cmd_sweep, "train every point of a recipe's sweep section and rank them",
+                json_output="the ranked trials (progress goes to stderr)")
     p.add_argument("recipe", type=Path, help="recipe JSON file with a sweep section")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                    help="override a recipe value for every trial")
     p.add_argument("--device", help="override trainer.device")
     p.add_argument("--output-dir", type=Path, help="where the sweep folder goes (default ./runs)")
 
-    p = command("runs", cmd_runs, "list run directories: progress, best metric, why they stopped")
+    p = command("runs", cmd_runs, "list run directories: progress, best metric, why they stopped",
+                json_output="the runs")
     p.add_argument("dir", nargs="?", type=Path, default=Path("runs"), help="folder holding runs (default ./runs)")
 
-    p = command("validate", cmd_validate, "check recipes as `run` assembles them, on the CPU, without training")
-    p.add_argument("recipes", nargs="+", type=Path)
+    p = command("validate", cmd_validate, "check recipes as `run` assembles them, on the CPU, without training",
+                json_output="one result per recipe (problems included)")
+    p.add_argument("recipes", nargs="+", type=Path, help="recipe files or shipped recipes' names")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides")
     p.add_argument("--strict", action="store_true",
                    help="what is absent here (data, weights) is an error, not a 'not checked' note")
 
-    p = command("ls", cmd_ls, "list registered components")
+    p = command("ls", cmd_ls, "list registered components", json_output="the components")
     p.add_argument("kind", nargs="?", help="models, datasets, transforms, losses, optimizers, schedulers, metrics, callbacks")
     p.add_argument("pattern", nargs="?", default="*", help="glob on names, e.g. 'tutorial_*' or 'timm:resnet*'")
 
-    p = command("schema", cmd_schema, "print the recipe JSON Schema (draft 2020-12)")
+    p = command("schema", cmd_schema, "print the recipe JSON Schema (draft 2020-12) of the installed plugins")
     p.add_argument("-o", "--output", type=Path, help="write to a file instead of stdout")
+    p.add_argument("--json", action="store_true", help="accepted for symmetry: the schema is JSON")
 
-    p = command("evaluate", cmd_evaluate, "evaluate a finished run's checkpoint")
+    p = command("recipes", cmd_recipes, "list the recipes shipped with cnnreg", json_output="the recipes")
+
+    p = command("cp", cmd_cp, "copy a shipped recipe to edit, with recipe.schema.json beside it",
+                json_output="what was written")
+    p.add_argument("name", help="a shipped recipe (cnnreg recipes)")
+    p.add_argument("dest", nargs="?", help="file or folder (an existing one, or one ending in /) to write "
+                   "(default ./NAME.json)")
+    p.add_argument("--force", action="store_true", help="overwrite DEST if it exists")
+
+    p = command("evaluate", cmd_evaluate, "evaluate a finished run's checkpoint",
+                json_output="the metrics and the per-class results")
     p.add_argument("run_dir", type=Path)
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
     p.add_argument("--checkpoint", default="best", choices=["best", "last"])
     p.add_argument("--device")
 
-    p = command("predict", cmd_predict, "classify images with a run's model")
+    p = command("predict", cmd_predict, "classify images with a run's model", json_output="one line per image")
     p.add_argument("run_dir", type=Path)
     p.add_argument("images", nargs="+", type=Path)
     p.add_argument("--top-k", type=int, default=1)
     p.add_argument("--checkpoint", default="best", choices=["best", "last"])
     p.add_argument("--device")
-    p.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
 
     p = command("export", cmd_export, "export a run's model and check it gives the same outputs")
     p.add_argument("run_dir", type=Path)
-    p.add_argument("--format", required=True, choices=["onnx", "torchscript", "safetensors"])
+    p.add_argument("--format", required=True, choices=["onnx", "pt2", "torchscript", "safetensors"],
+                   help="onnx; pt2 (torch.export); torchscript (where torch still supports it); "
+                        "safetensors (the network's weights, loadable into timm/torchvision as they are)")
+    p.add_argument("--preprocessing", action="store_true",
+                   help="onnx and pt2: take uint8 images of any size and resize them as the run does "
+                        "(instead of [0, 1] floats at the run's size)")
     p.add_argument("-o", "--output", type=Path, help="output file (default: in the run directory)")
     p.add_argument("--checkpoint", default="best", choices=["best", "last"])
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a sentence")
     return parser
 
 
@@ -195,77 +222,150 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
-    from cnnreg.plugin.manager import plugin_manager
-    from cnnreg.plugin.catalog import KINDS, PLURALS, build_catalog
+    from cnnreg.plugin.kinds import KINDS, PLURALS
+    from cnnreg.config.manifest import lists_family, manifest, search
 
     kind = None
     if args.kind:
         kind = KIND_ALIASES.get(args.kind, args.kind)
         if kind not in KINDS:
             raise UserError(f"unknown kind {args.kind!r}; use one of: {', '.join(PLURALS.values())}")
-    catalog = build_catalog(plugin_manager(disable=args.disable))
-    try:
-        rows = catalog.search(kind, args.pattern)
-    except ImportError as exc:
-        raise UserError(f"cannot list {args.pattern!r}: {exc}") from None
-    console = Console(highlight=False, soft_wrap=True)
+    found = manifest(disable=args.disable)
+    if lists_family(found.entries, kind, args.pattern):
+        rows = _family_members(args, kind)  # a family's members: only its plugin can list them
+    else:
+        rows = [(e.key, e.kind, e.plugin, e.origin, e.summary) for e in search(found.entries, kind, args.pattern)]
+    broken = [(b.name, b.origin, b.stage, b.error) for b in found.broken]
+    if args.json:
+        _print_json({"components": [dict(zip(("name", "kind", "plugin", "distribution", "summary"), row))
+                                    for row in rows],
+                     "broken": [dict(zip(("plugin", "distribution", "stage", "error"), b)) for b in broken]})
+        return 0
+    console = _console()
     table = PlainTable(title=f"cnnreg {PLURALS[kind] if kind else 'components'}", title_justify="left")
-    for column in ("name", "kind", "plugin", "distribution", "summary"):
-        table.add_column(column, overflow="fold")
-    for key, component in rows:
-        table.add_row(*(_escape(cell) for cell in (key, component.kind, component.plugin, str(component.origin),
-                                                    component.summary)))
+    for column in ("name", "kind", "plugin", "distribution"):
+        table.add_column(column, no_wrap=True)  # names stay whole; the summary takes what is left
+    table.add_column("summary", overflow="fold", ratio=1)
+    for row in rows:
+        table.add_row(*row)
     console.print(table)
-    if catalog.broken:
-        broken = PlainTable(title="plugins that failed to load", title_justify="left", style="red")
+    if broken:
+        failed = PlainTable(title="plugins that failed to load", title_justify="left", style="red")
         for column in ("plugin", "distribution", "stage", "error"):
-            broken.add_column(column, overflow="fold")
-        for b in catalog.broken:
-            broken.add_row(*(_escape(cell) for cell in (b.name, str(b.origin), b.stage, b.error)))
-        console.print(broken)
+            failed.add_column(column, overflow="fold")
+        for row in broken:
+            failed.add_row(*row)
+        console.print(failed)
     if not rows:
-        console.print(f"nothing matches {args.pattern!r}")
+        console.print(f"nothing matches {_escape(args.pattern)}")
     return 0
 
 
-def cmd_schema(args: argparse.Namespace) -> int:
-    from cnnreg.plugin.manager import plugin_manager
-    from cnnreg.config.recipe import json_schema
+def _family_members(args: argparse.Namespace, kind: str | None) -> list[tuple[str, ...]]:
     from cnnreg.plugin.catalog import build_catalog
+    from cnnreg.plugin.manager import plugin_manager
 
-    text = json.dumps(json_schema(build_catalog(plugin_manager(disable=args.disable))), indent=2)
+    catalog = build_catalog(plugin_manager(disable=args.disable))
+    try:
+        found = catalog.search(kind, args.pattern)
+    except ImportError as exc:
+        raise UserError(f"cannot list {args.pattern!r}: {exc}") from None
+    return [(key, c.kind, c.plugin, str(c.origin), c.summary) for key, c in found]
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    from cnnreg.config.manifest import manifest
+
+    text = json.dumps(manifest(disable=args.disable).schema, indent=2)
     if args.output:
-        args.output.write_text(text + "\n", encoding="utf-8")
+        _write_text(args.output, text + "\n")
     else:
         sys.stdout.write(text + "\n")
     return 0
 
 
+def cmd_recipes(args: argparse.Namespace) -> int:
+    from cnnreg.config.shipped import shipped_recipes
+
+    recipes = shipped_recipes()
+    if args.json:
+        _print_json([{"name": r.name, "summary": r.summary, "description": r.description, "path": str(r.path)}
+                     for r in recipes])
+        return 0
+    table = PlainTable(title="shipped recipes: cnnreg run NAME, or cnnreg cp NAME to edit a copy", title_justify="left")
+    table.add_column("name", no_wrap=True)
+    table.add_column("summary", overflow="fold", ratio=1)
+    for r in recipes:
+        table.add_row(r.name, r.summary)
+    _console().print(table)
+    return 0
+
+
+def cmd_cp(args: argparse.Namespace) -> int:
+    from cnnreg.config.recipe_copy import copy_shipped
+    from cnnreg.config.manifest import manifest
+
+    copied = copy_shipped(args.name, args.dest, schema=manifest(disable=args.disable).schema, force=args.force,
+                          disable=tuple(args.disable))
+    if args.json:
+        _print_json({"recipe": str(copied.recipe), "schema": str(copied.schema) if copied.schema else None,
+                     "rewritten": [{"key": k, "shipped": a, "copy": b} for k, a, b in copied.rewritten]})
+        return 0
+    console = _console()
+    console.print(f"wrote {_escape(str(copied.recipe))}" + (
+        f" and {_escape(str(copied.schema))} (its $schema, for editors)" if copied.schema else
+        f"; left the {_escape(str(copied.recipe.parent / 'recipe.schema.json'))} already there alone"))
+    for key, shipped, copy in copied.rewritten:
+        console.print(f"  {_escape(key)}: {_escape(shipped)} -> {_escape(copy)} (the same place, seen from the copy)")
+    console.print(f"run it with: cnnreg run {_escape(str(copied.recipe))}")
+    return 0
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     from cnnreg.config.recipe import load_recipe
+    from cnnreg.config.shipped import is_schema_file
     from cnnreg.workflows.validation import validate_recipe
 
     problems: list[Any] = []
-    console = Console(highlight=False, soft_wrap=True)
+    results: list[dict[str, Any]] = []
+    console = _console()
     for path in args.recipes:
+        if len(args.recipes) > 1 and is_schema_file(path):  # `validate recipes/*.json` also finds the schema
+            if not args.json:
+                console.print(f"skipped {_escape(str(path))}: the recipe schema (for editors), not a recipe")
+            continue
         try:
             recipe = load_recipe(path, disable=args.disable, overrides=parse_overrides(args.overrides))
             result = validate_recipe(recipe, strict=args.strict)
         except RecipeError as exc:
             problems.extend(exc.problems)
+            results.append({"recipe": str(path), "ok": False, "problems": [_problem_json(p) for p in exc.problems]})
             continue
         except UserError as exc:
             raise UserError(f"{path}: {exc}") from None
-        console.print(f"[green]ok[/] {_escape(str(path))}: {_escape(result.summary)}")
-        for choice in result.choices:
-            console.print(f"  chosen {_escape(str(choice))}")
-        for unchecked in result.unchecked:
-            console.print(f"  [yellow]not checked[/]: {_escape(str(unchecked))}; --strict makes this an error")
+        results.append({"recipe": str(path), "ok": True, "summary": result.summary,
+                        "chosen": [str(c) for c in result.choices], "not_checked": [str(u) for u in result.unchecked],
+                        "warnings": list(result.warnings)})
+        if not args.json:
+            console.print(f"[green]ok[/] {_escape(str(path))}: {_escape(result.summary)}")
+            for choice in result.choices:
+                console.print(f"  chosen {_escape(str(choice))}")
+            for unchecked in result.unchecked:
+                console.print(f"  [yellow]not checked[/]: {_escape(str(unchecked))}; --strict makes this an error")
         for text in result.warnings:
             warnings.warn(text, stacklevel=1)  # as the run warns: one "warning:" line on stderr
+    if args.json:
+        _print_json(results)
     if problems:
         raise RecipeError(problems)
     return 0
+
+
+def _problem_json(problem: Any) -> dict[str, Any]:
+    from cnnreg.core.errors import format_path
+
+    return {"file": str(problem.file) if problem.file else None, "line": problem.line, "column": problem.column,
+            "key": format_path(problem.path), "message": problem.message}
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -274,12 +374,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     from cnnreg.core import distributed
 
     try:
-        return _run(args)
+        with _progress_to_stderr(args.json):
+            outcome = _run(args)
+        if args.json and outcome is not None:
+            _print_json(outcome)
+        return 0
     finally:
         distributed.teardown()  # under torchrun: leave the process group so every rank exits cleanly
 
 
-def _run(args: argparse.Namespace) -> int:
+def _run(args: argparse.Namespace) -> dict[str, Any] | None:
+    """Train; returns the outcome as JSON data (what ``--json`` prints)."""
     from cnnreg.assemble.build import build
     from cnnreg.engine.loop import fit
     from cnnreg.config.recipe import load_recipe
@@ -297,10 +402,9 @@ def _run(args: argparse.Namespace) -> int:
             raise UserError(f"{run_dir} has no last.pt to resume from; the run stopped before its first checkpoint. "
                             f"Start it again with: cnnreg run {recipe_file}")
         run = build(recipe, run_dir=run_dir, device=args.device)
-        fit(run, resume=True)
-        return 0
+        return _fit_json(fit(run, resume=True))
     if args.recipe is None:
-        raise UserError("give a recipe file, or --resume RUN_DIR")
+        raise UserError("give a recipe file (or a shipped recipe's name: cnnreg recipes), or --resume RUN_DIR")
     recipe = load_recipe(args.recipe, disable=args.disable, overrides=overrides)
     if recipe.sweep is not None:
         # Training only the base values would look like a finished sweep; say what to run instead.
@@ -309,24 +413,36 @@ def _run(args: argparse.Namespace) -> int:
     if recipe.cross_validation is not None:
         from cnnreg.workflows.crossval import cross_validate
 
-        cross_validate(recipe, device=args.device)
-        return 0
+        cv = cross_validate(recipe, device=args.device)
+        return {"run_dir": str(cv.run_dir) if cv.run_dir else None, "mean": cv.mean, "std": cv.std,
+                "folds": [_fit_json(fold) for fold in cv.folds]}
     run = build(recipe, device=args.device)
-    fit(run)
-    return 0
+    return _fit_json(fit(run))
+
+
+def _fit_json(result: Any) -> dict[str, Any]:
+    best, last = result.best, result.last
+    return {"run_dir": str(result.run_dir) if result.run_dir else None, "stopped": result.stopped,
+            "epochs": len(result.records), "monitor": result.monitor, "mode": result.mode,
+            "best_epoch": result.best_epoch, "best": dict(best.metrics) if best else None,
+            "last": dict(last.metrics) if last else None, "train_seconds": result.train_seconds,
+            "compile_seconds": result.compile_seconds}
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     from cnnreg.core import distributed
-    from cnnreg.workflows.sweep import run_sweep
+    from cnnreg.workflows.sweep import run_sweep, sweep_data
 
     overrides = parse_overrides(args.overrides)
     if args.output_dir is not None:
         overrides["output_dir"] = str(args.output_dir.resolve())
     try:
-        run_sweep(args.recipe, disable=args.disable, overrides=overrides, device=args.device)
+        with _progress_to_stderr(args.json):
+            result = run_sweep(args.recipe, disable=args.disable, overrides=overrides, device=args.device)
     finally:
         distributed.teardown()
+    if args.json:
+        _print_json({**sweep_data(result), "run_dir": str(result.run_dir) if result.run_dir else None})
     return 0
 
 
@@ -337,7 +453,10 @@ def cmd_runs(args: argparse.Namespace) -> int:
     from cnnreg.runs.listing import find_runs
 
     rows = find_runs(root)
-    console = Console(highlight=False, soft_wrap=True)
+    if args.json:
+        _print_json(rows)
+        return 0
+    console = _console()
     if not rows:
         console.print(f"no runs under {_escape(str(root))}")
         return 0
@@ -346,7 +465,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
                             ("stopped", "left"), ("path", "left")):
         table.add_column(column, justify=justify, overflow="fold")  # type: ignore[arg-type]
     for r in rows:
-        table.add_row(*(_escape(str(r[k])) for k in ("name", "date", "epochs", "best", "stopped", "path")))
+        table.add_row(*(str(r[k]) for k in ("name", "date", "epochs", "best", "stopped", "path")))
     console.print(table)
     return 0
 
@@ -358,7 +477,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     run = load_run(args.run_dir, checkpoint=args.checkpoint, device=args.device, disable=args.disable)
     result = evaluate(run, args.split)
-    print_evaluation(Console(highlight=False, soft_wrap=True), result)
+    if args.json:
+        _print_json({"split": result.split, "metrics": dict(result.metrics), "classes": list(result.classes),
+                     "per_class": {k: list(v) for k, v in result.per_class.items()},
+                     "confusion": [list(row) for row in result.confusion]})
+        return 0
+    print_evaluation(_console(), result)
     return 0
 
 
@@ -368,7 +492,6 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     run = load_predictor(args.run_dir, checkpoint=args.checkpoint, device=args.device, disable=args.disable)
     predictions = predict(run, args.images, top_k=args.top_k)
-    console = Console(highlight=False, soft_wrap=True)
     if args.json:
         for p in predictions:
             sys.stdout.write(json.dumps({"image": p.source, "classes": list(p.classes),
@@ -384,7 +507,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         for name, conf in zip(p.classes, p.confidences):
             cells += [name, f"{conf:.1%}"]
         table.add_row(p.source, *cells)
-    console.print(table)
+    _console().print(table)
     return 0
 
 
@@ -393,8 +516,16 @@ def cmd_export(args: argparse.Namespace) -> int:
     from cnnreg.workflows.predict import load_predictor
 
     predictor = load_predictor(args.run_dir, checkpoint=args.checkpoint, device="cpu", disable=args.disable)
-    path, error = export(predictor, args.format, args.output, args.run_dir)
-    Console(highlight=False, soft_wrap=True).print(f"exported {_escape(str(path))}; outputs match the model (max abs diff {error:.2e})")
+    done = export(predictor, args.format, args.output, args.run_dir, preprocessing=args.preprocessing)
+    if args.json:
+        print(json.dumps(done.to_json()))
+        return 0
+    sizes = ", ".join(f"{h}x{w}" for h, w in done.checked_sizes)
+    also = "" if done.max_abs_diff_vs_predict is None else (
+        f" and cnnreg predict's resize (max abs diff {done.max_abs_diff_vs_predict:.2e})")
+    Console(highlight=False, soft_wrap=True).print(
+        f"exported {_escape(str(done.path))}; outputs match the model (max abs diff {done.max_abs_diff:.2e}"
+        f"{', images ' + sizes if done.preprocessing else ''}){also}")
     return 0
 
 
@@ -452,6 +583,37 @@ def _launch_distributed(args: argparse.Namespace) -> int:
                                                     f"processes failed (exit status {code})")
         return code
     return 0
+
+
+def _console(stderr: bool = False) -> Console:
+    """Rich output for people: as wide as the terminal, and without colours under
+    ``NO_COLOR`` (rich reads it). Piped into a file or a pager, tables keep their
+    natural width instead of folding at 80 columns (``COLUMNS`` still sets one)."""
+    console = Console(stderr=stderr, highlight=False, soft_wrap=True)
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        console.width = 100_000
+    return console
+
+
+def _print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+@contextlib.contextmanager
+def _progress_to_stderr(enabled: bool):
+    """With ``--json``, stdout carries only the JSON: the run's progress and tables go to stderr."""
+    if not enabled:
+        yield
+        return
+    with contextlib.redirect_stdout(sys.stderr):
+        yield
+
+
+def _write_text(path: Path, text: str) -> None:
+    try:
+        path.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise UserError(f"cannot write {path}: {exc.strerror or exc}; choose a folder you can write to") from None
 
 
 def _escape(text: str) -> str:

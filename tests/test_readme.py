@@ -31,5 +31,5 @@ def test_the_reference_lists_every_trainer_option_with_its_description():
 def test_the_shipped_schema_is_current():
     """recipe.schema.json (which the recipes name in "$schema") is what
     `cnnreg schema` prints for the built-ins."""
-    shipped = json.loads((REPO / "recipe.schema.json").read_text())
+    shipped = json.loads((REPO / "recipes" / "recipe.schema.json").read_text())
     assert shipped == json.loads(json.dumps(json_schema(build_catalog(plugin_manager()))))

@@ -12,7 +12,7 @@ from cnnreg.workflows.validation import validate_recipe
 
 from _datafiles import write_image_folder
 
-RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.json"))
+RECIPES = sorted(p for p in (Path(__file__).parent.parent / "recipes").glob("*.json") if p.name != "recipe.schema.json")
 
 
 def offline_overrides(raw: dict, tmp_path: Path) -> dict:

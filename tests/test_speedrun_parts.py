@@ -158,7 +158,7 @@ def test_without_sample_indices_the_flip_is_a_fair_random_one():
 
 def test_the_flip_seed_defaults_to_what_the_recipe_schema_documents():
     # editors show recipe.schema.json's defaults: a recipe without a seed flips what they promise
-    schema = json.loads((REPO / "recipe.schema.json").read_text())
+    schema = json.loads((REPO / "recipes" / "recipe.schema.json").read_text())
     documented = schema["$defs"]["TransformAlternatingHorizontalFlip"]["properties"]["seed"]["default"]
     assert alternating_horizontal_flip().seed == documented
     index = torch.arange(100)
@@ -485,7 +485,7 @@ def test_the_speedrun_recipe_trains_on_the_cpu_when_shrunk(tmp_path):
     assert cnnreg.evaluate(run, "test").metrics["accuracy"] > 0.5  # four classes: chance is 1/4
 
 
-@pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
+@pytest.mark.parametrize("fmt", ["pt2", "onnx"])
 def test_a_bf16_true_run_with_tta_exports_in_fp32_with_one_answer_per_image(tmp_path, fmt, capsys):
     from cnnreg.cli import main
 
@@ -499,6 +499,6 @@ def test_a_bf16_true_run_with_tta_exports_in_fp32_with_one_answer_per_image(tmp_
     output = tmp_path / f"model.{fmt}"
     assert main(["export", str(run.run_dir), "--format", fmt, "-o", str(output)]) == 0
     assert "outputs match the model" in capsys.readouterr().out
-    if fmt == "torchscript":
-        logits = torch.jit.load(str(output))(torch.rand(5, 3, 12, 12))
+    if fmt == "pt2":
+        logits = torch.export.load(str(output)).module()(torch.rand(5, 3, 12, 12))
         assert logits.shape == (5, 3) and logits.dtype == torch.float32

@@ -52,7 +52,10 @@ EQUIVALENTS = REPO / "tools" / "equivalent_mutants"
 GOAL = 0.90
 # Staged name -> repository folder. Everything the tests read is copied too.
 TREES = {"cnnreg": "cnnreg", "cnnreg_plugins": "plugins", "tests": "tests", "recipes": "recipes"}
-FILES = ("README.md", "recipe.schema.json")
+# Folders installed inside a package (pyproject's package-dir): the shipped recipes are
+# `cnnreg.recipes`, which a stage imports from its own cnnreg/ folder.
+NESTED = {"cnnreg/recipes": "recipes"}
+FILES = ("README.md",)
 KILLED = {"killed", "timeout", "segfault", "caught by type check"}
 # Left out of the score: mutants mutmut skipped, and those not run yet (a run still going).
 NOT_SCORED = {"skipped", "not checked"}
@@ -154,9 +157,10 @@ def stage_dir(module: str) -> Path:
     return STAGE / module.removesuffix(".py").replace("/", ".")
 
 
-def sync_tree(source: Path, target: Path) -> None:
+def sync_tree(source: Path, target: Path, keep: tuple[str, ...] = ()) -> None:
     """Make ``target`` a copy of ``source``, touching only files that differ: mutmut
-    regenerates a module's mutants when its file is newer than the mutants."""
+    regenerates a module's mutants when its file is newer than the mutants. Names
+    in ``keep`` are left in ``target`` although ``source`` has none."""
     target.mkdir(parents=True, exist_ok=True)
     for item in source.iterdir():
         if item.name == "__pycache__":
@@ -167,7 +171,7 @@ def sync_tree(source: Path, target: Path) -> None:
         elif not dest.is_file() or not filecmp.cmp(item, dest, shallow=False):
             shutil.copy2(item, dest)
     for item in target.iterdir():
-        if item.name != "__pycache__" and not (source / item.name).exists():
+        if item.name not in ("__pycache__", *keep) and not (source / item.name).exists():
             shutil.rmtree(item) if item.is_dir() else item.unlink()
 
 
@@ -176,6 +180,9 @@ def stage(module: str) -> Path:
     mutates only that module and runs only its tests."""
     target = stage_dir(module)
     for name, folder in TREES.items():
+        nested = tuple(n.split("/", 1)[1] for n in NESTED if n.startswith(name + "/"))
+        sync_tree(REPO / folder, target / name, keep=nested)
+    for name, folder in NESTED.items():
         sync_tree(REPO / folder, target / name)
     for name in FILES:
         shutil.copy2(REPO / name, target / name)

@@ -25,8 +25,9 @@ from pydantic import AfterValidator, BaseModel, Field, PrivateAttr
 from cnnreg.core.errors import JsonPath, Problem, RecipeError, UserError
 from cnnreg.core.options import DataOptions, RecipeBase, RecipePath, Strict
 from cnnreg.config.jsonpos import JsonSyntaxError, SourceMap, parse
+from cnnreg.config.shipped import SCHEMA_ID, find_shipped, is_bare_name, shipped_base_dir, unknown_name_hint
 from cnnreg.plugin.manager import PluginManager, plugin_manager
-from cnnreg.plugin.catalog import KINDS, Catalog, Component, ComponentError, build_catalog
+from cnnreg.plugin.catalog import KINDS, Catalog, Component, ComponentError, build_catalog, plain_text
 
 SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
 _SECTION_TITLES = {"dataset": "Data", "model": "Model", "loss": "Loss", "optimizer": "Optimizer",
@@ -169,7 +170,7 @@ def _component_model(kind: str, key: str, component: Component) -> type[BaseMode
             fields[param.name] = (annotation, Field(param.default, description=param.description))
     title = "".join(part.capitalize() for part in key.replace(":", "_").replace(".", "_").split("_"))
     model = pydantic.create_model(f"{_SECTION_TITLES[kind]}{title}", __base__=base,
-                                  __doc__=inspect.getdoc(component.factory) or component.summary, **fields)
+                                  __doc__=plain_text(inspect.getdoc(component.factory) or component.summary), **fields)
     return model
 
 
@@ -206,7 +207,8 @@ def load_recipe(
 ) -> Recipe:
     """Load and validate a recipe from a JSON file or a dict.
 
-    :param source: a path to a JSON file, or the recipe as a dict.
+    :param source: a path to a JSON file, the name of a shipped recipe (``"quickstart"``;
+        see :mod:`cnnreg.config.shipped`), or the recipe as a dict.
     :param pm: the plugin manager to use; default: one made with the
         installed plugins, minus ``disable`` and the recipe's
         ``disable_plugins``, plus ``extra``.
@@ -251,6 +253,9 @@ def _read(source: str | Path | Mapping[str, Any]) -> tuple[dict[str, Any], Recip
     if isinstance(source, Mapping):
         return json.loads(json.dumps(source)), RecipeSource(None, None, Path.cwd())
     path = Path(source)
+    base_dir = None
+    if not path.exists() and is_bare_name(source) and (shipped := find_shipped(str(source))) is not None:
+        path, base_dir = shipped.path, shipped_base_dir()
 
     def fail(message: str, line: int | None = None, column: int | None = None) -> RecipeError:
         return RecipeError([Problem((), message, path, line, column)])
@@ -260,7 +265,8 @@ def _read(source: str | Path | Mapping[str, Any]) -> tuple[dict[str, Any], Recip
     try:
         data = path.read_bytes()
     except FileNotFoundError:
-        raise fail("no such file") from None
+        hint = unknown_name_hint(path.name) if path.parent == Path(".") else ""
+        raise fail("no such file" + hint) from None
     except OSError as exc:
         raise fail(f"cannot be read: {exc.strerror or exc}") from None
     try:
@@ -279,7 +285,10 @@ def _read(source: str | Path | Mapping[str, Any]) -> tuple[dict[str, Any], Recip
         raise fail(exc.message, exc.line, exc.column) from None
     if not isinstance(raw, dict):
         raise fail(f"a recipe is a JSON object ({{...}}), not {_json_type(raw)}", 1, 1)
-    return raw, RecipeSource(path, source_map, path.resolve().parent)
+    if raw.get("$id") == SCHEMA_ID:
+        raise fail("is cnnreg's recipe schema (what editors complete recipes with), not a recipe; "
+                   "give a recipe file (cnnreg recipes lists the shipped ones)", 1, 1)
+    return raw, RecipeSource(path, source_map, base_dir or path.resolve().parent)
 
 
 class OverrideError(UserError):
@@ -542,4 +551,4 @@ def json_schema(catalog: Catalog) -> dict[str, Any]:
     """A JSON Schema (draft 2020-12) in which every registered component is an
     alternative with its own parameters, for editors."""
     schema = recipe_model(catalog).cls.model_json_schema(by_alias=True, mode="validation")
-    return {"$schema": SCHEMA_DIALECT, "$id": "https://cnnreg.invalid/recipe.schema.json", **schema}
+    return {"$schema": SCHEMA_DIALECT, "$id": SCHEMA_ID, **schema}

@@ -115,8 +115,8 @@ def main() -> int:
 
     write(REPO / "README.md")
     schema = json.dumps(json_schema(build_catalog(plugin_manager())), indent=2)
-    (REPO / "recipe.schema.json").write_text(schema + "\n", encoding="utf-8")
-    print(f"wrote the reference in {REPO / 'README.md'} and {REPO / 'recipe.schema.json'}")
+    (REPO / "recipes" / "recipe.schema.json").write_text(schema + "\n", encoding="utf-8")
+    print(f"wrote the reference in {REPO / 'README.md'} and {REPO / 'recipes' / 'recipe.schema.json'}")
     return 0
 
 

@@ -10,6 +10,7 @@ reference and the JSON Schema are generated from it) and the code that reads it.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -21,7 +22,11 @@ def _resolve_path(value: Path, info: ValidationInfo) -> Path:
     """Relative paths in a recipe mean: relative to the recipe's folder."""
     base = (info.context or {}).get("base_dir")
     value = value.expanduser()
-    return value if value.is_absolute() or base is None else Path(base) / value
+    if value.is_absolute() or base is None:
+        return value
+    # Lexically normalised, so messages say /work/data, not /work/recipes/../data (the
+    # base is already resolved; a shipped recipe's base need not even exist).
+    return Path(os.path.normpath(Path(base) / value))
 
 
 def _not_empty(value: Any) -> Any:
@@ -114,7 +119,7 @@ class SweepRange(Strict):
 
 
 class Sweep(Strict):
-    """A hyperparameter sweep: ``cnnreg sweep`` trains one run per combination (grid) or draw (random)."""
+    """A hyperparameter sweep: cnnreg sweep trains one run per combination (grid) or draw (random)."""
 
     method: Literal["grid", "random"] = Field("grid", description="grid: every combination; random: budget draws.")
     parameters: dict[str, Annotated[list[Any], Field(min_length=1)] | SweepRange] = Field(

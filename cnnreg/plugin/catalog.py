@@ -21,21 +21,9 @@ import pydantic
 
 from cnnreg.core.data import DataContext
 from cnnreg.core.errors import UserError
+from cnnreg.plugin.kinds import ARTICLES, KINDS, PLURALS  # noqa: F401 - re-exported
 from cnnreg.plugin.manager import BrokenPlugin, Origin, PluginManager
 
-KINDS: dict[str, str] = {
-    "model": "cnnreg_models",
-    "dataset": "cnnreg_datasets",
-    "transform": "cnnreg_transforms",
-    "loss": "cnnreg_losses",
-    "optimizer": "cnnreg_optimizers",
-    "scheduler": "cnnreg_schedulers",
-    "metric": "cnnreg_metrics",
-    "callback": "cnnreg_callbacks",
-}
-PLURALS = {"model": "models", "dataset": "datasets", "transform": "transforms", "loss": "losses",
-           "optimizer": "optimizers", "scheduler": "schedulers", "metric": "metrics", "callback": "callbacks"}
-ARTICLES = {kind: ("an" if kind[0] in "aeiou" else "a") for kind in KINDS}
 
 # Values a recipe may leave out that the engine fills from the run: the
 # dataset's classes and channels flow into the model, the schedule's length
@@ -105,7 +93,7 @@ class Component:
     @property
     def summary(self) -> str:
         doc = inspect.getdoc(self.factory) or ""
-        return doc.strip().splitlines()[0] if doc.strip() else ""
+        return plain_text(doc.strip().splitlines()[0]) if doc.strip() else ""
 
     def params(self) -> tuple[Param, ...]:
         return _params(self.kind, self.factory)
@@ -292,6 +280,23 @@ def _qualname(factory: Callable[..., Any]) -> str:
     return f"{getattr(factory, '__module__', '?')}.{getattr(factory, '__qualname__', repr(factory))}"
 
 
+# reST and Markdown inline markup, as docstrings write it: ``code``, :role:`target`
+# (:class:`~a.b.C` shows C, :ref:`text <label>` shows text), `code`, **strong**, *emphasis*.
+_ROLE = re.compile(r":[\w:.-]+:`(~?)([^`<]*?)\s*(?:<[^`>]*>)?`")
+_LITERAL = re.compile(r"``(.+?)``|`([^`]+)`")
+_STRONG = re.compile(r"\*\*(\S(?:.*?\S)?)\*\*")
+_EMPHASIS = re.compile(r"(?<![\w*])\*(\S(?:[^*]*?\S)?)\*(?![\w*])")
+
+
+def plain_text(text: str) -> str:
+    """``text`` with docstring markup removed, for terminals and editors' tooltips:
+    summaries and parameter descriptions are shown as a person reads them."""
+    text = _ROLE.sub(lambda m: m.group(2).rsplit(".", 1)[-1] if m.group(1) else m.group(2), text)
+    text = _LITERAL.sub(lambda m: m.group(1) if m.group(1) is not None else m.group(2), text)
+    text = _STRONG.sub(r"\1", text)
+    return _EMPHASIS.sub(r"\1", text)
+
+
 _ARGS_HEADER = re.compile(r"^(Args|Arguments|Parameters):\s*$")
 _ARG_LINE = re.compile(r"^(\*{0,2}\w+)\s*(\([^)]*\))?\s*:\s*(.*)$")
 _SPHINX_PARAM = re.compile(r"^:param\s+(?:[\w\[\], |]+\s+)?(\w+):\s*(.*)$")
@@ -334,4 +339,4 @@ def parse_arg_docs(doc: str) -> dict[str, str]:
             out[current] = (out[current] + " " + stripped).strip()
         else:
             current = None
-    return out
+    return {name: plain_text(text) for name, text in out.items()}

@@ -57,6 +57,8 @@ class SweepResult:
     mode: str
     trials: tuple[TrialResult, ...]
     run_dir: Path | None
+    name: str = ""
+    method: str | None = None
 
 
 def points(sweep: Sweep) -> list[dict[str, Any]]:
@@ -140,9 +142,9 @@ def run_sweep(source: str | Path | Mapping[str, Any], *, disable: Sequence[str] 
         results.append(TrialResult(trial.number, trial.values, result.run_dir or run_dir, result.best_epoch,
                                    best, result.stopped))
     ranked = tuple(sorted(results, key=lambda r: _rank_key(r.best, mode)))
-    sweep = SweepResult(monitor, mode, ranked, parent)
+    sweep = SweepResult(monitor, mode, ranked, parent, base.name, base.sweep.method if base.sweep else None)
     if parent is not None and _is_main_process():
-        write_sweep_json(sweep, base)
+        write_sweep_json(sweep)
     (console or Console(highlight=False, soft_wrap=True)).print(table(sweep, list(base.sweep.parameters)))
     return sweep
 
@@ -163,13 +165,16 @@ def _rank_key(value: float | None, mode: str) -> tuple[int, float]:
     return (0, value if mode == "min" else -value)
 
 
-def write_sweep_json(result: SweepResult, base: Recipe) -> None:
-    data = {"name": base.name, "method": base.sweep.method if base.sweep else None,
-            "monitor": result.monitor, "mode": result.mode,
+def write_sweep_json(result: SweepResult) -> None:
+    checkpoint.atomic_write_text(result.run_dir / "sweep.json", json.dumps(sweep_data(result), indent=2) + "\n")
+
+
+def sweep_data(result: SweepResult) -> dict[str, Any]:
+    """The sweep as JSON data: what sweep.json holds and ``cnnreg sweep --json`` prints."""
+    return {"name": result.name, "method": result.method, "monitor": result.monitor, "mode": result.mode,
             "trials": [{"trial": t.number, "values": t.values, "best": t.best, "best_epoch": t.best_epoch,
                         "stopped": t.stopped, "run_dir": str(t.run_dir) if t.run_dir else None}
                        for t in result.trials]}
-    checkpoint.atomic_write_text(result.run_dir / "sweep.json", json.dumps(data, indent=2) + "\n")
 
 
 def table(result: SweepResult, keys: Sequence[str]) -> PlainTable:
