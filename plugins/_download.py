@@ -14,8 +14,6 @@ import os
 import urllib.request
 from pathlib import Path
 
-from torchvision.datasets.utils import check_integrity
-
 from cnnreg.core import progress
 
 CHUNK = 1 << 20
@@ -27,6 +25,8 @@ def fetch(url: str, target: Path, *, md5: str | None, title: str, timeout: float
     :raises OSError: the download failed, or its checksum is not ``md5``
         (the partial file is removed either way).
     """
+    from torchvision.datasets.utils import check_integrity  # torchvision costs a second to import: only here
+
     target = Path(target)
     if target.is_file() and (md5 is None or check_integrity(str(target), md5)):
         return target

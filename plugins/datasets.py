@@ -23,12 +23,10 @@ import shutil
 import tempfile
 import zlib
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Callable, Literal
 
 import torch
 from pydantic import Field
-from torchvision import datasets as tvd
-from torchvision.datasets.utils import check_integrity, extract_archive
 
 from cnnreg.core import progress
 from cnnreg.core.data import DatasetInfo, DataSource, ImageSplit, describes
@@ -60,7 +58,7 @@ snake spider squirrel streetcar sunflower sweet_pepper table tank telephone tele
 turtle wardrobe whale willow_tree wolf woman worm""".split())
 
 
-def _fixed(name: str, classes: tuple[str, ...], size: int, channels: int, train: int, test: int, files):
+def _fixed(name: str, classes: tuple[str, ...] | Callable[[], tuple[str, ...]], size: int, channels: int, train: int, test: int, files):
     """A describe for a dataset whose shape and classes are fixed: it reads
     nothing, and says when the files are not there yet.
 
@@ -69,28 +67,39 @@ def _fixed(name: str, classes: tuple[str, ...], size: int, channels: int, train:
 
     def describe(root: Path, download: bool = False, **_: object) -> DatasetInfo:
         folder, present = files(Path(root).expanduser().absolute())
+        names = classes() if callable(classes) else classes
         unchecked = () if present else (
             f"the files are not in {folder} yet: "
             + ("download is true, so the run fetches them when it starts" if download
                else 'the run stops unless they are put there, or "download" is set to true'),)
-        return DatasetInfo(classes=classes, image_size=(size, size), channels=channels,
+        return DatasetInfo(classes=names, image_size=(size, size), channels=channels,
                            mean=_STATS[name][0], std=_STATS[name][1], split_sizes={"train": train, "test": test},
                            unchecked=unchecked)
 
     return describe
 
 
-def _cifar_files(cls):
+def _tv(name: str):
+    """A torchvision dataset class, imported when first needed: importing torchvision
+    costs a second (its models import torch._dynamo), which describing the synthetic
+    data for `cnnreg validate` need not pay."""
+    from torchvision import datasets
+
+    return getattr(datasets, name)
+
+
+def _cifar_files(name: str):
     def files(root: Path) -> tuple[Path, bool]:
+        cls = _tv(name)
         folder = root / cls.base_folder
         names = [n for n, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]]
         return folder, all((folder / n).is_file() for n in names)
     return files
 
 
-def _idx_files(cls):
+def _idx_files(name: str):
     def files(root: Path) -> tuple[Path, bool]:
-        folder, found = _find_idx_files(cls, root)
+        folder, found = _find_idx_files(_tv(name), root)
         return folder, found is not None
     return files
 
@@ -98,7 +107,7 @@ def _idx_files(cls):
 # -- CIFAR -----------------------------------------------------------------------------
 
 
-@describes(_fixed("cifar10", _CIFAR10_CLASSES, 32, 3, 50_000, 10_000, _cifar_files(tvd.CIFAR10)))
+@describes(_fixed("cifar10", _CIFAR10_CLASSES, 32, 3, 50_000, 10_000, _cifar_files("CIFAR10")))
 def cifar10(root: Path, download: bool = False, verify: bool = True) -> DataSource:
     """CIFAR-10: 60,000 32x32 colour images of 10 classes (50,000 train, 10,000 test).
 
@@ -109,10 +118,10 @@ def cifar10(root: Path, download: bool = False, verify: bool = True) -> DataSour
         verify: check the files against torchvision's MD5 checksums (about
             0.3 s); false only checks that they exist.
     """
-    return _cifar(tvd.CIFAR10, "CIFAR-10", "163 MB", root, download, verify, *_STATS["cifar10"])
+    return _cifar(_tv("CIFAR10"), "CIFAR-10", "163 MB", root, download, verify, *_STATS["cifar10"])
 
 
-@describes(_fixed("cifar100", _CIFAR100_CLASSES, 32, 3, 50_000, 10_000, _cifar_files(tvd.CIFAR100)))
+@describes(_fixed("cifar100", _CIFAR100_CLASSES, 32, 3, 50_000, 10_000, _cifar_files("CIFAR100")))
 def cifar100(root: Path, download: bool = False, verify: bool = True) -> DataSource:
     """CIFAR-100: 60,000 32x32 colour images of 100 classes (50,000 train, 10,000 test).
 
@@ -123,10 +132,12 @@ def cifar100(root: Path, download: bool = False, verify: bool = True) -> DataSou
         verify: check the files against torchvision's MD5 checksums; false
             only checks that they exist.
     """
-    return _cifar(tvd.CIFAR100, "CIFAR-100", "161 MB", root, download, verify, *_STATS["cifar100"])
+    return _cifar(_tv("CIFAR100"), "CIFAR-100", "161 MB", root, download, verify, *_STATS["cifar100"])
 
 
 def _cifar(cls, title, weight, root, download, verify, mean, std) -> DataSource:
+    from torchvision.datasets.utils import check_integrity, extract_archive
+
     root = Path(root).expanduser().absolute()
     folder = root / cls.base_folder
     files = [name for name, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]]
@@ -201,7 +212,7 @@ def _from_hwc(data, targets) -> ImageSplit:
 # -- MNIST and its relatives ----------------------------------------------------------
 
 
-@describes(_fixed("mnist", tuple(tvd.MNIST.classes), 28, 1, 60_000, 10_000, _idx_files(tvd.MNIST)))
+@describes(_fixed("mnist", lambda: tuple(_tv("MNIST").classes), 28, 1, 60_000, 10_000, _idx_files("MNIST")))
 def mnist(root: Path, download: bool = False) -> DataSource:
     """MNIST: 70,000 28x28 grayscale handwritten digits (60,000 train, 10,000 test).
 
@@ -210,10 +221,10 @@ def mnist(root: Path, download: bool = False) -> DataSource:
             files, gzipped or not, as torchvision lays it out.
         download: fetch the files (12 MB) when they are missing.
     """
-    return _mnist_like(tvd.MNIST, "MNIST", root, download, *_STATS["mnist"])
+    return _mnist_like(_tv("MNIST"), "MNIST", root, download, *_STATS["mnist"])
 
 
-@describes(_fixed("fashion_mnist", tuple(tvd.FashionMNIST.classes), 28, 1, 60_000, 10_000, _idx_files(tvd.FashionMNIST)))
+@describes(_fixed("fashion_mnist", lambda: tuple(_tv("FashionMNIST").classes), 28, 1, 60_000, 10_000, _idx_files("FashionMNIST")))
 def fashion_mnist(root: Path, download: bool = False) -> DataSource:
     """Fashion-MNIST: 70,000 28x28 grayscale clothing images of 10 classes.
 
@@ -222,10 +233,10 @@ def fashion_mnist(root: Path, download: bool = False) -> DataSource:
             four idx files, gzipped or not, as torchvision lays it out.
         download: fetch the files (30 MB) when they are missing.
     """
-    return _mnist_like(tvd.FashionMNIST, "Fashion-MNIST", root, download, *_STATS["fashion_mnist"])
+    return _mnist_like(_tv("FashionMNIST"), "Fashion-MNIST", root, download, *_STATS["fashion_mnist"])
 
 
-@describes(_fixed("kmnist", tuple(tvd.KMNIST.classes), 28, 1, 60_000, 10_000, _idx_files(tvd.KMNIST)))
+@describes(_fixed("kmnist", lambda: tuple(_tv("KMNIST").classes), 28, 1, 60_000, 10_000, _idx_files("KMNIST")))
 def kmnist(root: Path, download: bool = False) -> DataSource:
     """Kuzushiji-MNIST: 70,000 28x28 grayscale cursive Japanese characters of 10 classes.
 
@@ -234,7 +245,7 @@ def kmnist(root: Path, download: bool = False) -> DataSource:
             idx files, gzipped or not, as torchvision lays it out.
         download: fetch the files (20 MB) when they are missing.
     """
-    return _mnist_like(tvd.KMNIST, "KMNIST", root, download, *_STATS["kmnist"])
+    return _mnist_like(_tv("KMNIST"), "KMNIST", root, download, *_STATS["kmnist"])
 
 
 def _mnist_like(cls, title, root, download, mean, std) -> DataSource:
@@ -326,6 +337,21 @@ _SHAPES = ("circle", "square", "triangle", "cross", "ring", "flower", "frame", "
 _HUE_NAMES = ("red", "orange", "yellow", "chartreuse", "green", "spring", "cyan", "azure", "blue", "violet", "magenta", "rose")
 
 
+def _describe_synthetic(num_classes: int = 10, image_size: int = 32, channels: int = 3, train_size: int = 2000,
+                        val_size: int = 500, test_size: int = 500, seed: int = 0, **_: object) -> DatasetInfo:
+    """What :func:`synthetic` makes, without drawing an image: its labels are the first
+    draw of each split's generator, so validation splits and folds are carved as the run
+    carves them. The statistics come from the images, so they wait for the run."""
+    _check_synthetic(num_classes, image_size, channels, train_size, val_size, test_size)
+    n_shapes, n_colours = _synthetic_layout(num_classes)
+    labels = {name: _synthetic_labels(count, num_classes, _split_generator(seed, index))
+              for index, (name, count) in enumerate(_synthetic_splits(train_size, val_size, test_size)) if count}
+    return DatasetInfo(classes=_synthetic_classes(num_classes, n_shapes, n_colours), image_size=(image_size, image_size),
+                       channels=channels, splits=tuple(labels), split_sizes={k: len(v) for k, v in labels.items()},
+                       labels=labels)
+
+
+@describes(_describe_synthetic)
 def synthetic(
     # Upper bounds keep a typo (an extra zero or three) a clear error, not an out-of-memory kill.
     num_classes: Annotated[int, Field(ge=2, le=1000)] = 10,
@@ -352,16 +378,15 @@ def synthetic(
         test_size: images in the test split (0 for none).
         seed: seed of every random draw.
     """
-    if num_classes < 2 or image_size < 8 or channels not in (1, 3) or train_size < 1 or min(val_size, test_size) < 0:
-        raise ValueError("synthetic needs num_classes >= 2, image_size >= 8, channels 1 or 3, train_size >= 1, sizes >= 0")
+    _check_synthetic(num_classes, image_size, channels, train_size, val_size, test_size)
     n_shapes, n_colours = _synthetic_layout(num_classes)
     splits = {}
-    for index, (name, count) in enumerate((("train", train_size), ("val", val_size), ("test", test_size))):
+    for index, (name, count) in enumerate(_synthetic_splits(train_size, val_size, test_size)):
         if count:
-            generator = torch.Generator().manual_seed((seed * 1_000_003 + index) % 2**63)
-            labels, images = _draw_shapes(count, num_classes, n_shapes, n_colours, image_size, generator)
+            labels, images = _draw_shapes(count, num_classes, n_shapes, n_colours, image_size,
+                                          _split_generator(seed, index))
             splits[name] = ImageSplit(labels=labels, images=convert_channels(images, channels).contiguous())
-    classes = tuple(f"{_colour_name(c // n_shapes, n_colours)} {_SHAPES[c % n_shapes]}" for c in range(num_classes))
+    classes = _synthetic_classes(num_classes, n_shapes, n_colours)
     mean, std = channel_stats(splits["train"])
     return DataSource(
         train=splits["train"],
@@ -373,6 +398,29 @@ def synthetic(
         mean=mean,
         std=std,
     )
+
+
+def _check_synthetic(num_classes: int, image_size: int, channels: int, train_size: int, val_size: int,
+                     test_size: int) -> None:
+    if num_classes < 2 or image_size < 8 or channels not in (1, 3) or train_size < 1 or min(val_size, test_size) < 0:
+        raise ValueError("synthetic needs num_classes >= 2, image_size >= 8, channels 1 or 3, train_size >= 1, sizes >= 0")
+
+
+def _synthetic_splits(train_size: int, val_size: int, test_size: int) -> tuple[tuple[str, int], ...]:
+    return (("train", train_size), ("val", val_size), ("test", test_size))
+
+
+def _split_generator(seed: int, index: int) -> torch.Generator:
+    return torch.Generator().manual_seed((seed * 1_000_003 + index) % 2**63)
+
+
+def _synthetic_classes(num_classes: int, n_shapes: int, n_colours: int) -> tuple[str, ...]:
+    return tuple(f"{_colour_name(c // n_shapes, n_colours)} {_SHAPES[c % n_shapes]}" for c in range(num_classes))
+
+
+def _synthetic_labels(count: int, num_classes: int, g: torch.Generator) -> torch.Tensor:
+    """Balanced and shuffled: the first draw of a split's generator."""
+    return (torch.arange(count) % num_classes)[torch.randperm(count, generator=g)]
 
 
 def _synthetic_layout(num_classes: int) -> tuple[int, int]:
@@ -393,7 +441,7 @@ def _draw_shapes(count, num_classes, n_shapes, n_colours, size, g) -> tuple[torc
     def uniform(lo, hi, *shape):
         return torch.rand(*shape, generator=g) * (hi - lo) + lo
 
-    labels = (torch.arange(count) % num_classes)[torch.randperm(count, generator=g)]
+    labels = _synthetic_labels(count, num_classes, g)
     shape_of, colour_of = labels % n_shapes, labels // n_shapes
     # Per-image draws, made for the whole split first so they do not depend on chunking.
     centre = uniform(-0.3, 0.3, count, 2)

@@ -27,8 +27,6 @@ from typing import Annotated, Literal
 import torch
 from pydantic import Field
 from torch import Tensor
-from torchvision.transforms.v2 import InterpolationMode
-from torchvision.transforms.v2 import functional as TF
 
 from cnnreg.core.data import DataContext
 from cnnreg import hookimpl
@@ -570,6 +568,9 @@ class Resize:
 
     def __call__(self, x: Tensor) -> Tensor:
         size = [self.size] if isinstance(self.size, int) else list(self.size)
+        from torchvision.transforms.v2 import InterpolationMode
+        from torchvision.transforms.v2 import functional as TF  # at use: importing torchvision costs a second
+
         return TF.resize(x, size, interpolation=InterpolationMode(self.interpolation), antialias=self.antialias)
 
 
@@ -615,6 +616,8 @@ class CenterCrop:
         if self.size[0] > x.shape[-2] or self.size[1] > x.shape[-1]:
             raise ValueError(f"center_crop size {self.size[0]}x{self.size[1]} is larger than the "
                              f"{x.shape[-2]}x{x.shape[-1]} image; lower size or resize first")
+        from torchvision.transforms.v2 import functional as TF
+
         return TF.center_crop(x, list(self.size))
 
 

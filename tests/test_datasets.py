@@ -447,6 +447,23 @@ def test_synthetic_shapes_splits_and_determinism():
     assert not torch.equal(source.val.images[:10], source.test.images)
 
 
+@pytest.mark.parametrize("sizes", [dict(train_size=50, val_size=20, test_size=10), dict(train_size=7, val_size=0, test_size=3),
+                                   dict(train_size=9, val_size=4, test_size=0)])
+def test_synthetic_is_described_as_it_is_drawn_without_drawing_it(sizes):
+    """validate describes the data: the splits, sizes, labels and classes the run will draw."""
+    params = dict(num_classes=6, image_size=10, channels=1, seed=11, **sizes)
+    source = synthetic(**params)
+    info = synthetic.cnnreg_describe(**params)
+    drawn = {name: split for name, split in (("train", source.train), ("val", source.val), ("test", source.test)) if split}
+    assert info.splits == tuple(drawn) and info.split_sizes == {k: len(v) for k, v in drawn.items()}
+    for name, split in drawn.items():
+        assert torch.equal(info.labels[name], split.labels)
+    assert (info.classes, info.image_size, info.channels) == (source.classes, source.image_size, source.channels)
+    assert info.mean is None  # the statistics come from the images: the run computes them
+    with pytest.raises(ValueError, match="synthetic needs num_classes >= 2"):
+        synthetic.cnnreg_describe(num_classes=1)
+
+
 def test_synthetic_extremes():
     tiny = synthetic(num_classes=2, image_size=8, channels=1, train_size=4, val_size=0, test_size=0)
     assert tiny.train.images.shape == (4, 1, 8, 8) and tiny.val is None and tiny.test is None

@@ -486,3 +486,10 @@ def test_preparation_shows_a_bar_with_count_rate_and_time_left_on_a_terminal(tmp
     text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", output.decode(errors="replace"))
     assert "reading the image headers of photos" in text and re.search(r"\d+/600", text)  # a bar with its count
     assert "\x1b[" in output.decode(errors="replace")  # drawn in place, with escape codes
+
+
+def test_the_image_extensions_are_torchvisions():
+    # written out in cnnreg.inputs.imagefiles so that listing a folder needs no torchvision import
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    assert imagefiles.IMG_EXTENSIONS == IMG_EXTENSIONS

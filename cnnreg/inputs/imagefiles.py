@@ -31,11 +31,14 @@ from typing import Iterator, Literal, Sequence
 import numpy as np
 import torch
 from PIL import Image
-from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from cnnreg.core import progress
 from cnnreg.core.errors import UserError
 
+# torchvision.datasets.folder.IMG_EXTENSIONS, written out: importing torchvision costs a
+# second (its models import torch._dynamo), which `cnnreg validate` need not pay
+# (tests/test_own_folders.py checks the two stay equal).
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 BadImagePolicy = Literal["skip", "fail"]
 Fit = Literal["stretch", "crop"]
 
