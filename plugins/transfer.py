@@ -113,10 +113,16 @@ def freeze_plan(freeze: str, unfreeze_last: int, unfreeze_at_epoch: int | None, 
 class TransferModel(nn.Module):
     """A pretrained network with a new head, and the freezing schedule that goes with it.
 
-    ``forward`` is the network's own; its state dict keys start with ``net.``.
-    Frozen parameters have ``requires_grad=False``; frozen BatchNorm layers
-    stay in eval mode (their running statistics do not move) even when the
-    engine calls ``train()``.
+    ``forward`` is the network's own, and so are the weights files: the
+    network is the model's ``cnnreg_weights_module``, so best.safetensors
+    holds its keys (no ``net.`` prefix) and loads into a plain
+    ``timm.create_model(arch, num_classes=N)`` or torchvision model; the
+    file's metadata (``cnnreg_weights_metadata``) names the library, the
+    architecture and the class count. Everything else here (head, stages,
+    plan) is plain Python rebuilt from the recipe: the network's state dict
+    is the whole model's state. Frozen parameters have
+    ``requires_grad=False``; frozen BatchNorm layers stay in eval mode
+    (their running statistics do not move) even when the engine calls ``train()``.
 
     :param net: the whole network, head included.
     :param head: names (in ``net``) of the head's parameters.
@@ -125,12 +131,15 @@ class TransferModel(nn.Module):
     :param plan: what is frozen and when it thaws.
     :param data_config: the preprocessing the weights expect
         (see :attr:`cnnreg_data_config`).
+    :param source: how to rebuild ``net`` without cnnreg (library, arch,
+        num_classes...), written into weights files' metadata.
     """
 
     def __init__(self, net: nn.Module, head: Iterable[str], stages: Iterable[tuple[str, tuple[str, ...]]],
-                 plan: FreezePlan, data_config: dict[str, Any]):
+                 plan: FreezePlan, data_config: dict[str, Any], source: Mapping[str, str] | None = None):
         super().__init__()
         self.net = net
+        self.cnnreg_weights_metadata = dict(source or {})
         self.head = frozenset(head)
         self.stages = tuple(stages)
         self.plan = plan
@@ -147,6 +156,11 @@ class TransferModel(nn.Module):
         else:
             thawed = self.stages[len(self.stages) - plan.unfreeze_last:]
             self._set_trainable(self.head.union(*(names for _, names in thawed)))
+
+    @property
+    def cnnreg_weights_module(self) -> nn.Module:
+        """What weights files hold: the network itself, in its library's own key layout."""
+        return self.net
 
     @property
     def stage_names(self) -> tuple[str, ...]:
@@ -256,7 +270,10 @@ def timm_model(
     if not head:
         raise UserError(f"timm model {arch!r} has no classifier parameters to train; it cannot be fine-tuned as a classifier")
     config = _timm_data_config(net, in_channels, pretrained=pretrained is not False)
-    return TransferModel(net, head, _timm_stages(net, head), plan, config)
+    chans = f", in_chans={in_channels}" if in_channels != 3 else ""
+    source = _source("timm", arch, num_classes, in_channels,
+                     f"timm.create_model({arch!r}, num_classes={num_classes}{chans})")
+    return TransferModel(net, head, _timm_stages(net, head), plan, config, source)
 
 
 def _check_timm_arch(arch: str) -> None:
@@ -461,7 +478,14 @@ def torchvision_model(
             config.update(mean=(0.5,) * in_channels, std=(0.5,) * in_channels)
 
     head = frozenset(f"{head_name}.{name}" for name, _ in net.get_submodule(head_name).named_parameters())
-    return TransferModel(net, head, _module_stages(net, head, trunks=_TORCHVISION_TRUNKS), plan, config)
+    extra = "".join(f", {k}={v!r}" for k, v in options.items())
+    if getattr(net, "transform_input", False):
+        extra += ", transform_input=True"  # set by pretrained Inception weights; not part of the state dict
+    rebuild = f"torchvision.models.get_model({arch!r}, num_classes={num_classes}{extra})"
+    if in_channels != 3:
+        rebuild += f", its first convolution then given {in_channels} input channels"
+    source = _source("torchvision", arch, num_classes, in_channels, rebuild)
+    return TransferModel(net, head, _module_stages(net, head, trunks=_TORCHVISION_TRUNKS), plan, config, source)
 
 
 def torchvision_archs() -> list[str]:
@@ -596,6 +620,12 @@ def _check_arch(library: str, arch: str, known: bool, names: Any) -> None:
     close = difflib.get_close_matches(arch, names(), n=5, cutoff=0.6)
     hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
     raise UserError(f"unknown {library} architecture {arch!r}{hint} (`cnnreg ls models '{library}:*'` lists them all)")
+
+
+def _source(library: str, arch: str, num_classes: int, in_channels: int, rebuild: str) -> dict[str, str]:
+    """The metadata of a transfer model's weights files: what network they fit and how to build it."""
+    return {"library": library, "arch": arch, "num_classes": str(num_classes), "in_channels": str(in_channels),
+            "rebuild": rebuild}
 
 
 # What builds the same architecture without its weights, for `cnnreg validate`.

@@ -420,8 +420,8 @@ def test_checkpoint_by_default_keeps_the_best_epoch_of_the_runs_monitor_only(tmp
                         3: {"val_accuracy": 0.6, "val_loss": 0.2}})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best.safetensors"]
     assert torch.equal(load_file(str(tmp_path / "best.safetensors"))["weight"], torch.full((3, 2), 2.0))
-    assert metadata(tmp_path / "best.safetensors") == {"epoch": "2", "monitor": "val_accuracy", "value": "0.7",
-                                                       "mode": "max", "recipe": "tiny"}
+    assert metadata(tmp_path / "best.safetensors") == {"format": "pt", "epoch": "2", "monitor": "val_accuracy",
+                                                       "value": "0.7", "mode": "max", "recipe": "tiny"}
     assert best.state_dict() == {"monitor": "val_accuracy", "best": 0.7, "best_epoch": 2}
 
 
@@ -431,7 +431,7 @@ def test_checkpoint_with_its_own_monitor_mode_and_file_and_last_weights(tmp_path
                                   filename="lowest.safetensors")
     _epochs(lowest, run, {1: {"val_accuracy": 0.5}, 2: {"val_accuracy": 0.4}, 3: {"val_accuracy": 0.45}})
     assert metadata(tmp_path / "lowest.safetensors")["epoch"] == "2"
-    assert metadata(tmp_path / "last.safetensors") == {"epoch": "3", "recipe": "tiny"}
+    assert metadata(tmp_path / "last.safetensors") == {"format": "pt", "epoch": "3", "recipe": "tiny"}
     assert torch.equal(load_file(str(tmp_path / "last.safetensors"))["weight"], torch.full((3, 2), 3.0))
     # a monitor of its own (a loss: min) whatever the run watches
     loss = callbacks.checkpoint(monitor="val_loss", filename="loss.safetensors")

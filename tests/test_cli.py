@@ -64,6 +64,16 @@ def test_evaluate_prints_metrics_and_per_class_table(finished_run, capsys):
         assert name in out
 
 
+def test_evaluate_json_agrees_with_its_own_confusion_matrix(finished_run, capsys):
+    assert main(["evaluate", str(finished_run), "--split", "test", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    confusion = result["confusion"]  # rows are true classes
+    total = sum(map(sum, confusion))
+    assert result["metrics"]["accuracy"] == pytest.approx(sum(confusion[i][i] for i in range(len(confusion))) / total)
+    assert result["per_class"]["support"] == [sum(row) for row in confusion]
+    assert result["classes"] == json.loads((finished_run / "summary.json").read_text())["classes"]
+
+
 def test_predict_prints_class_and_confidence(finished_run, tmp_path, capsys):
     import cnnreg
 
@@ -86,7 +96,7 @@ def test_predict_prints_class_and_confidence(finished_run, tmp_path, capsys):
     assert "cannot read" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("fmt", ["torchscript", "onnx", "safetensors"])
+@pytest.mark.parametrize("fmt", ["pt2", "onnx", "safetensors"])
 def test_export_checks_the_outputs_match(finished_run, tmp_path, fmt, capsys):
     output = tmp_path / f"model.{fmt}"
     assert main(["export", str(finished_run), "--format", fmt, "-o", str(output)]) == 0

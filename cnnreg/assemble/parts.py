@@ -20,6 +20,7 @@ the run header and run.json. The data's description, loading and checks are
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, replace
 from typing import Callable, Sequence
@@ -30,7 +31,7 @@ from torch import nn
 from cnnreg.assemble.checks import check_monitors, dry_run, fake_images, param_groups, sample_images
 from cnnreg.assemble.data import check_data, describe, describe_source, load_data, stand_in_size, train_batch_count
 from cnnreg.assemble.defaults import data_context, default_transforms, storage_choice
-from cnnreg.assemble.instantiate import instantiate
+from cnnreg.assemble.instantiate import component_kwargs, instantiate
 from cnnreg.config.recipe import Recipe
 from cnnreg.core import progress
 from cnnreg.core.data import DataContext, DatasetInfo, DataSource
@@ -158,8 +159,27 @@ def model_and_eval_transforms(recipe: Recipe, info: DatasetInfo) -> tuple[nn.Mod
 
 
 def _model(recipe: Recipe, num_classes: int, channels: int, unchecked: list[Unchecked] | None = None) -> nn.Module:
-    return instantiate(recipe, "model", ("model",), recipe.model, unchecked=unchecked,
-                       context={"num_classes": num_classes, "in_channels": channels})
+    context = {"num_classes": num_classes, "in_channels": channels}
+    model = instantiate(recipe, "model", ("model",), recipe.model, unchecked=unchecked, context=context)
+    if getattr(model, "cnnreg_weights_metadata", None) is None:
+        # Weights files say how to rebuild the model without cnnreg (see checkpoint.save_weights);
+        # a model that knows better (a timm or torchvision backbone) declares its own.
+        model.cnnreg_weights_metadata = factory_metadata(recipe, context)
+    return model
+
+
+def factory_metadata(recipe: Recipe, context: dict[str, int]) -> dict[str, str]:
+    """The model's factory as an import path and its arguments as JSON, the way
+    the run called it: ``getattr(importlib.import_module(module), name)(**json.loads(params))``
+    builds the model the weights fit. Empty for a factory that cannot be imported by name."""
+    component = recipe.component("model", recipe.model)
+    factory = component.factory
+    module, name = getattr(factory, "__module__", None), getattr(factory, "__qualname__", "")
+    if not module or not name or "<" in name or "." in name:  # a lambda, a local or a method: no import path
+        return {}
+    params = component_kwargs(component, recipe.model, context)
+    return {"model": recipe.model.name, "factory": f"{module}.{name}",  # type: ignore[attr-defined]
+            "params": json.dumps(params, default=str, sort_keys=True)}
 
 
 def _transforms(recipe: Recipe, context: DataContext, split: str) -> tuple[Callable[..., torch.Tensor], ...]:

@@ -5,6 +5,15 @@ Every write goes to a temporary file in the same folder, is flushed to disk
 leaves either the old file or the new one, never half of one. Loading uses
 safetensors (weights) or ``torch.load(weights_only=True)`` (training state):
 a pickle that would run code is refused, not run.
+
+Weights files hold the *portable* module's state dict: a model that wraps a
+library's network (a timm or torchvision backbone inside the transfer
+plugin's ``TransferModel``) names that network as its
+``cnnreg_weights_module``, so best.safetensors loads into
+``timm.create_model(arch, num_classes=N)`` as it is, without a ``net.``
+prefix to strip. A model's ``cnnreg_weights_metadata`` (strings) says how to
+rebuild that module and goes into every weights file's metadata. Files
+written before this (the wrapper's keys) still load.
 """
 
 from __future__ import annotations
@@ -80,14 +89,39 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
+def portable_module(model: torch.nn.Module) -> torch.nn.Module:
+    """The module whose state dict a weights file holds: the model's
+    ``cnnreg_weights_module`` when it declares one, else the model itself
+    (under torch.compile and DDP wrappers)."""
+    model = unwrap(model)
+    inner = getattr(model, "cnnreg_weights_module", None)
+    return inner if isinstance(inner, torch.nn.Module) else model
+
+
+def weights_metadata(model: torch.nn.Module) -> dict[str, str]:
+    """What the model says about rebuilding its portable module (``cnnreg_weights_metadata``), as strings."""
+    declared = getattr(unwrap(model), "cnnreg_weights_metadata", None) or {}
+    return {str(key): str(value) for key, value in dict(declared).items()}
+
+
 def save_weights(model: torch.nn.Module, path: Path, metadata: dict[str, str] | None = None) -> None:
-    """Model weights as safetensors (shared tensors handled by safetensors)."""
-    module = unwrap(model)
-    atomic_write(path, lambda tmp: save_model(module, str(tmp), metadata=metadata))
+    """The portable module's weights as safetensors (shared tensors handled by
+    safetensors), with the model's own metadata and ``metadata`` (which wins).
+
+    ``"format": "pt"`` is the safetensors convention for torch tensors (Hugging
+    Face loaders refuse a file without it).
+    """
+    module = portable_module(model)
+    merged = {"format": "pt", **weights_metadata(model), **(metadata or {})}
+    atomic_write(path, lambda tmp: save_model(module, str(tmp), metadata=merged))
 
 
 def load_weights(model: torch.nn.Module, path: Path) -> None:
-    """Load safetensors weights into ``model``, strictly, with a readable error."""
+    """Load safetensors weights into ``model``, strictly, with a readable error.
+
+    The file holds the portable module's keys, or (written before models
+    declared one) the whole model's: both load.
+    """
     path = Path(path)
     try:
         state = load_file(str(path))
@@ -95,8 +129,10 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
         raise CheckpointError(f"no weights file at {path}") from None
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{path} is not a readable safetensors file ({exc}); was it cut short?") from None
-    module = unwrap(model)
+    module, whole = portable_module(model), unwrap(model)
     missing, unexpected = _diff_keys(module.state_dict(), state)
+    if (missing or unexpected) and module is not whole and not any(_diff_keys(whole.state_dict(), state)):
+        module, missing, unexpected = whole, [], []  # an older file, with the wrapper's "net." keys
     if missing or unexpected:
         raise CheckpointError(f"{path} does not fit this model: {_key_report(missing, unexpected)}")
     module.load_state_dict(state, strict=False)

@@ -55,7 +55,12 @@ def cnnreg_models() -> Factories:
         ``cnnreg_data_config`` (input size, mean, std, interpolation, crop
         fraction) so the data follows a pretrained backbone, and
         ``cnnreg_param_groups()`` to give parts of it their own
-        learning-rate multiplier (``lr_mult``).
+        learning-rate multiplier (``lr_mult``). A module that wraps a
+        library's network names it as ``cnnreg_weights_module``: weights
+        files (best.safetensors, ``cnnreg export --format safetensors``)
+        then hold that network's own keys, and ``cnnreg_weights_metadata``
+        (strings) says how to rebuild it; without one, the files say which
+        factory and parameters built the model.
     """
 
 
