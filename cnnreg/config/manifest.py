@@ -135,10 +135,7 @@ def _distributions() -> Iterable[str]:
 
 def _source_stats() -> list[tuple[str, int, int]]:
     """Size and modification time of every Python file of cnnreg and of each plugin's top-level package."""
-    roots: set[str] = set()
-    import cnnreg
-
-    roots.update(cnnreg.__path__)
+    roots = {os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}  # the cnnreg package
     for entry_point in metadata.entry_points(group=GROUP):
         top = entry_point.module.split(".", 1)[0]
         try:
