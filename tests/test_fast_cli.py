@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pytest
 
-from cnnreg.plugin.catalog import plain_text
 from conftest import make_distribution
 
 REPO = Path(__file__).resolve().parent.parent
@@ -155,17 +154,6 @@ def test_summaries_show_docstring_markup_as_plain_text(tmp_path, cache):
         "A alpha_net network built on Module (fast)."
     shipped = (REPO / "recipes" / "recipe.schema.json").read_text()
     assert "``" not in shipped and ":class:`" not in shipped and ":func:`" not in shipped
-
-
-@pytest.mark.parametrize(("text", "plain"), [
-    ("``torch.nn.Conv2d`` layers", "torch.nn.Conv2d layers"),
-    (":class:`~torch.nn.Module` and :func:`timm.create_model`", "Module and timm.create_model"),
-    (":ref:`the guide <guide-label>`", "the guide"),
-    ("a **bold** and *emphasised* word; 3*4*5 and 2 * x stay", "a bold and emphasised word; 3*4*5 and 2 * x stay"),
-    ("`code` in Markdown", "code in Markdown"),
-])
-def test_plain_text(text, plain):
-    assert plain_text(text) == plain
 
 
 def in_terminal(*args: str, columns: int, env: dict[str, str]) -> str:

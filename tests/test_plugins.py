@@ -17,7 +17,7 @@ from cnnreg.core.data import DataContext
 from cnnreg.core.errors import RecipeError
 from cnnreg.plugin.manager import BrokenPlugin, Origin, plugin_manager
 from cnnreg.plugin.catalog import (KINDS, Catalog, Component, ComponentError, Family, Param, build_catalog,
-                                   parse_arg_docs)
+                                   parse_arg_docs, plain_text)
 
 from conftest import cli, make_distribution, tiny_recipe
 
@@ -525,3 +525,30 @@ def test_the_live_objects_handed_to_optimizers_and_schedulers_are_not_recipe_par
     assert catalog.broken == ()
     assert [p.name for p in catalog.keys("optimizer")["sgd"].params()] == ["lr"]
     assert [p.name for p in catalog.keys("scheduler")["halving"].params()] == ["gamma"]
+
+
+@pytest.mark.parametrize(("text", "plain"), [
+    ("``torch.nn.Conv2d`` layers", "torch.nn.Conv2d layers"),
+    (":class:`~torch.nn.Module` and :func:`timm.create_model`", "Module and timm.create_model"),
+    (":ref:`the guide <guide-label>`", "the guide"),
+    ("a **bold** and *emphasised* word; 3*4*5 and 2 * x stay", "a bold and emphasised word; 3*4*5 and 2 * x stay"),
+    ("`code` in Markdown", "code in Markdown"),
+    (":meth:`Module.train` (no tilde: the whole name)", "Module.train (no tilde: the whole name)"),
+    ("nothing to remove", "nothing to remove"),
+])
+def test_summaries_and_parameter_descriptions_are_plain_text(text, plain):
+    assert plain_text(text) == plain
+
+
+def test_a_factory_docstrings_markup_is_plain_in_its_summary_and_parameters():
+    def factory(width: int = 2):
+        """A ``wide`` net on :class:`~torch.nn.Module`.
+
+        Args:
+            width: channels of the **first** layer (see :func:`torch.nn.Conv2d`).
+        """
+
+    component = Component("model", "wide", factory, "p", Origin("d"))
+    assert component.summary == "A wide net on Module."
+    [param] = component.params()
+    assert param.description == "channels of the first layer (see torch.nn.Conv2d)."
