@@ -16,6 +16,7 @@ import cnnreg
 from cnnreg.core.data import DataContext
 from cnnreg.core.errors import RecipeError
 from cnnreg.plugin.manager import BrokenPlugin, Origin, plugin_manager
+from cnnreg.config.recipe import json_schema
 from cnnreg.plugin.catalog import (KINDS, Catalog, Component, ComponentError, Family, Param, build_catalog,
                                    parse_arg_docs, plain_text)
 
@@ -41,7 +42,7 @@ def test_third_party_package_is_listed_in_schema_and_usable(example_plugin_site,
     component = catalog.keys("model")["wide_net"]
     assert (component.plugin, str(component.origin)) == ("example", "cnnreg-example-plugin 1.2.3")
 
-    schema = json.dumps(cnnreg.config.recipe.json_schema(catalog))
+    schema = json.dumps(json_schema(catalog))
     assert "wide_net" in schema and "A one-conv network whose width is a parameter." in schema
     assert "channels of the convolution." in schema  # the parameter's docstring
 
