@@ -162,6 +162,22 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="override trainer.device")
     p.add_argument("--output-dir", type=Path, help="where the sweep folder goes (default ./runs)")
 
+    p = command("lr-find", cmd_lr_find, "the learning-rate range test: sweep the lr up over a fresh model, "
+                "plot the loss, suggest an optimizer.lr", json_output="the suggestion and the curve")
+    p.add_argument("recipe", help="recipe JSON file, or a shipped recipe's name (cnnreg recipes)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                   help="override a recipe value, e.g. data.batch_size=64 (VALUE is JSON, or a plain string)")
+    p.add_argument("--device", help="override trainer.device")
+    p.add_argument("--start-lr", type=float, default=1e-7, help="the first learning rate (default 1e-7)")
+    p.add_argument("--end-lr", type=float, default=10.0, help="the last learning rate (default 10)")
+    p.add_argument("--steps", type=int, default=200,
+                   help="optimizer steps, over as many epochs as they take (default 200)")
+    p.add_argument("-o", "--output", type=Path, default=Path("lr_find.png"),
+                   help="the plot's PNG file (default ./lr_find.png)")
+    p.add_argument("--apply", nargs="?", const="", default=None, metavar="DEST",
+                   help="write a copy of the recipe with optimizer.lr set to the suggestion "
+                        "(default ./RECIPE.lr-find.json; an existing file is never overwritten)")
+
     p = command("runs", cmd_runs, "list run directories: progress, best metric, why they stopped",
                 json_output="the runs")
     p.add_argument("dir", nargs="?", type=Path, default=Path("runs"), help="folder holding runs (default ./runs)")
@@ -443,6 +459,50 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         distributed.teardown()
     if args.json:
         _print_json({**sweep_data(result), "run_dir": str(result.run_dir) if result.run_dir else None})
+    return 0
+
+
+def cmd_lr_find(args: argparse.Namespace) -> int:
+    from cnnreg.config.recipe import load_recipe
+    from cnnreg.workflows.lr_find import apply_suggestion, lr_find, save_plot
+
+    recipe = load_recipe(args.recipe, disable=args.disable, overrides=parse_overrides(args.overrides))
+    dest = None
+    if args.apply is not None:
+        dest = Path(args.apply) if args.apply else Path(f"{Path(args.recipe).stem}.lr-find.json")
+        if dest.exists():  # before the sweep: refusing afterwards would waste it
+            raise UserError(f"{dest} exists and is left as it is; give another destination to --apply")
+    with _progress_to_stderr(args.json):
+        result = lr_find(recipe, start_lr=args.start_lr, end_lr=args.end_lr, steps=args.steps, device=args.device)
+    png: Path | None = args.output
+    try:
+        save_plot(result, args.output)
+    except UserError as exc:
+        if "matplotlib" not in str(exc):
+            raise
+        warnings.warn(f"{exc}; no plot was drawn", stacklevel=1)
+        png = None
+    applied = apply_suggestion(recipe, result.suggestion, dest, disable=tuple(args.disable)) if dest else None
+    if args.json:
+        def finite(values: Sequence[float]) -> list[float | None]:  # NaN and inf are not JSON: null
+            return [v if abs(v) < float("inf") else None for v in values]
+
+        _print_json({"suggestion": result.suggestion, "method": result.method, "lr_at_min": result.lr_at_min,
+                     "steps": result.steps, "stopped": result.stopped, "lrs": list(result.lrs),
+                     "losses": finite(result.losses), "smoothed": finite(result.smoothed),
+                     "png": str(png) if png else None, "applied": str(applied) if applied else None})
+        return 0
+    console = _console()
+    console.print(f"suggested learning rate: [bold]{result.suggestion:.3g}[/] ({_escape(result.method)})")
+    console.print(f"  {result.steps} steps from {result.start_lr:g} to {result.lrs[-1]:.3g}: "
+                  f"{_escape(result.stopped)}; the lowest loss was at {result.lr_at_min:.3g}")
+    if png:
+        console.print(f"plot: {_escape(str(png))}")
+    if applied:
+        console.print(f"wrote {_escape(str(applied))}; train it with: cnnreg run {_escape(str(applied))}")
+    else:
+        console.print(f"use it with: cnnreg run {_escape(str(args.recipe))} "
+                      f"--set optimizer.lr={result.suggestion:.3g}")
     return 0
 
 
