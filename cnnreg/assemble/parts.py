@@ -139,7 +139,8 @@ def assemble(recipe: Recipe, *, load: bool, fold: int | None = None, world_size:
     metrics = tuple((spec.name, instantiate(recipe, "metric", ("metrics", i), spec,
                                             context={"num_classes": info.num_classes}))
                     for i, spec in enumerate(recipe.metrics))
-    callbacks = tuple(instantiate(recipe, "callback", ("callbacks", i), spec) for i, spec in enumerate(recipe.callbacks))
+    callbacks = tuple(instantiate(recipe, "callback", ("callbacks", i), spec, context={"epochs": opts.epochs})
+                      for i, spec in enumerate(recipe.callbacks))
     has_val = "val" in info.splits or recipe.data.val_fraction > 0 or fold is not None or (
         recipe.cross_validation is not None)
     monitor, mode = check_monitors(recipe, metrics, schedule, callbacks, has_val=has_val)

@@ -35,6 +35,8 @@ CONTEXT_PARAMS: dict[str, dict[str, str]] = {
     "metric": {"num_classes": _CLASSES},
     "scheduler": {"epochs": "the trainer's number of epochs",
                   "steps_per_epoch": "the number of optimizer steps in an epoch"},
+    # so a callback's checks against the run's length are made where validate makes them
+    "callback": {"epochs": "the trainer's number of epochs"},
 }
 # Live objects handed to factories; never part of a recipe.
 INJECTED_PARAMS = {"optimizer": "params", "scheduler": "optimizer"}
