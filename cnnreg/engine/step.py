@@ -27,7 +27,7 @@ from cnnreg.core.records import ProgressRecord
 from cnnreg.core.run import Run
 from cnnreg.core.stops import NonFiniteLoss, OutOfMemory
 from cnnreg.engine.tallies import LossReader, Tallies
-from cnnreg.inputs.prepare import prepare_batch
+from cnnreg.inputs.prepare import prepare_batch, prepare_training_batch
 from cnnreg.plugin.events import emit, listens
 
 PROGRESS_INTERVAL = 0.25  # seconds between progress hook calls
@@ -181,13 +181,17 @@ def forward_backward(run: Run, model: nn.Module, images: torch.Tensor, targets: 
     ``sync`` false (a batch inside an accumulation group): under DDP the
     gradients are not all-reduced yet (``no_sync``), only at the group's last batch.
     """
-    x = prepare(run, images, run.train_transforms, sample_index, epoch)
+    # Mixing transforms (mixup, cutmix) give the loss soft targets; the caller
+    # keeps the hard `targets` for the tallies, so train metrics count real labels.
+    x, loss_targets = prepare_training_batch(images, targets, run.train_transforms,
+                                             channels_last=run.channels_last, dtype=input_dtype(run.precision),
+                                             index=sample_index, epoch=epoch)
     accumulate = run.recipe.trainer.accumulate
     waiting = model.no_sync() if not sync and hasattr(model, "no_sync") else contextlib.nullcontext()
     with waiting:
         with autocast(run.device, run.precision):
             logits = model(x)
-            loss = run.loss_fn(logits, targets)
+            loss = run.loss_fn(logits, loss_targets)
         scaled = loss / accumulate
         (run.scaler.scale(scaled) if run.scaler is not None else scaled).backward()
     return logits, loss

@@ -14,6 +14,12 @@ format. Two optional transform protocols are honoured:
   ``v * B + b``); the model's logits are then merged by
   :func:`merge_views` into one weighted average per sample (test-time
   augmentation). Several such transforms compose: their views multiply.
+* ``mixes_targets = True``: the transform mixes images of a training batch
+  together (mixup, cutmix) and so must mix their labels the same way:
+  :func:`prepare_training_batch` calls ``t.mix(x, targets) -> (x, soft)``
+  with int64 class indices ``[B]`` or soft targets ``[B, C]`` (from an
+  earlier mixing transform) and gets float32 soft targets ``[B, C]`` for the
+  loss. Called as ``t(x)`` (previews, batch-norm updates) it mixes the images only.
 """
 
 from __future__ import annotations
@@ -33,6 +39,10 @@ def apply_transform(transform: Transform, x: torch.Tensor, index: torch.Tensor |
                     epoch: int = 0) -> torch.Tensor:
     """One transform, given the sample indices and epoch when it asks for them."""
     return transform(x, index=index, epoch=epoch) if uses_sample_index(transform) else transform(x)
+
+
+def mixes_targets(transform: Transform) -> bool:
+    return bool(getattr(transform, "mixes_targets", False))
 
 
 def view_weights(transforms: Sequence[Transform]) -> tuple[float, ...] | None:
@@ -55,6 +65,27 @@ def prepare_batch(images: torch.Tensor, transforms: Sequence[Transform], *, chan
     x = images.float().div_(255)
     for transform in transforms:
         x = apply_transform(transform, x, index, epoch)
+    return _as_input(x, dtype, channels_last)
+
+
+def prepare_training_batch(images: torch.Tensor, targets: torch.Tensor, transforms: Sequence[Transform], *,
+                           channels_last: bool, dtype: torch.dtype = torch.float32,
+                           index: torch.Tensor | None = None, epoch: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`prepare_batch` for a training step, and the targets for its loss: ``targets``
+    themselves, or the soft targets ``[B, C]`` of the mixing transforms among ``transforms``.
+
+    Only the loss sees soft targets; the caller keeps ``targets`` for the metrics.
+    """
+    x = images.float().div_(255)
+    for transform in transforms:
+        if mixes_targets(transform):
+            x, targets = transform.mix(x, targets)  # type: ignore[attr-defined]
+        else:
+            x = apply_transform(transform, x, index, epoch)
+    return _as_input(x, dtype, channels_last), targets
+
+
+def _as_input(x: torch.Tensor, dtype: torch.dtype, channels_last: bool) -> torch.Tensor:
     if x.dtype != dtype:
         x = x.to(dtype)
     if channels_last:
