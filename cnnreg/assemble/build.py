@@ -116,7 +116,7 @@ def make_split_batches(recipe: Recipe, data: DataSource, channels: int, device: 
                   world_size=dist.world_size, num_workers=options.num_workers, seed=recipe.seed,
                   num_classes=data.num_classes, fit=data.fit)
     batches = {"train": make_batches(data.train, batch_size=options.batch_size, shuffle=options.shuffle,
-                                     drop_last=options.drop_last, name="train", **common)}
+                                     drop_last=options.drop_last, name="train", sampler=options.sampler, **common)}
     for name in ("val", "test"):
         split = data.split(name)
         if split is not None and len(split):

@@ -9,6 +9,7 @@ for a batch, the output inside the data folder) is found here for both.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from torch import nn
 
 from cnnreg.assemble.defaults import convert_stats, resize_size
 from cnnreg.assemble.instantiate import component_kwargs, instantiate
+from cnnreg.core.balance import class_counts
 from cnnreg.config.recipe import Recipe
 from cnnreg.core.data import DatasetInfo, DataSource, ImageSplit
 from cnnreg.core.errors import RecipeError, Unavailable, Unchecked, UserError
@@ -205,14 +207,9 @@ def _train_count(recipe: Recipe, info: DatasetInfo, fold: int | None) -> int | N
     With the description's labels, by :func:`carve` itself (the first fold
     stands for a k-fold run); with split sizes only, by the same arithmetic.
     """
-    if info.labels is not None and "train" in info.labels:
-        if fold is None and recipe.cross_validation is not None:
-            fold = 0
-        carved = carve(recipe, DataSource(
-            train=_labels_only(info.labels["train"]), val=_labels_only(info.labels.get("val")),
-            test=_labels_only(info.labels.get("test")), classes=info.classes, image_size=info.image_size,
-            channels=info.channels), fold)
-        return len(carved.train)
+    labels = _carved_train_labels(recipe, info, fold)
+    if labels is not None:
+        return len(labels)
     sizes = info.split_sizes
     if not sizes or "train" not in sizes:
         return None
@@ -230,6 +227,34 @@ def _train_count(recipe: Recipe, info: DatasetInfo, fold: int | None) -> int | N
     elif isinstance(subset, int):
         n = min(subset, n)
     return n
+
+
+def train_class_counts(recipe: Recipe, info: DatasetInfo, data: DataSource | None, fold: int | None,
+                       absent: bool) -> tuple[int, ...] | None:
+    """Images per class in the split the run trains on (after the validation
+    split, the fold and ``data.subset``): from the loaded data, or from a
+    description's labels carved as the run carves them; ``None`` when unknown."""
+    if data is not None:
+        return class_counts(data.train.labels, data.num_classes)
+    if absent:
+        return None
+    with warnings.catch_warnings():  # the same carving as train_batch_count's, which has warned already
+        warnings.simplefilter("ignore")
+        labels = _carved_train_labels(recipe, info, fold)
+    return class_counts(labels, info.num_classes) if labels is not None else None
+
+
+def _carved_train_labels(recipe: Recipe, info: DatasetInfo, fold: int | None) -> torch.Tensor | None:
+    """The training labels after :func:`carve`, from a description's labels (the first fold stands for a k-fold run)."""
+    if info.labels is None or "train" not in info.labels:
+        return None
+    if fold is None and recipe.cross_validation is not None:
+        fold = 0
+    carved = carve(recipe, DataSource(
+        train=_labels_only(info.labels["train"]), val=_labels_only(info.labels.get("val")),
+        test=_labels_only(info.labels.get("test")), classes=info.classes, image_size=info.image_size,
+        channels=info.channels), fold)
+    return carved.train.labels
 
 
 def _labels_only(labels: torch.Tensor | None) -> ImageSplit | None:

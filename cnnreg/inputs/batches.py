@@ -15,6 +15,10 @@ device, with ``C`` and ``H, W`` as asked.
   workers decode and resize each image; its sampler draws the very same
   permutation and shards, and batches reach the device with
   ``non_blocking=True`` from pinned memory.
+* ``sampler="balanced"`` draws the epoch's samples with replacement instead,
+  each with probability proportional to 1 / (its class's count), as
+  ``WeightedRandomSampler`` does: the same generator seed per epoch, so the
+  same order on resume and on every rank, sharded as below.
 * With ``world_size > 1`` each rank takes every ``world_size``-th index of the
   epoch's permutation from ``rank`` on, like ``DistributedSampler``: shards
   are disjoint, and the permutation is padded by wrapping around (or cut,
@@ -33,6 +37,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
+from cnnreg.core.balance import sample_weights
 from cnnreg.core.data import ImageSplit
 from cnnreg.core.errors import UserError
 from cnnreg.inputs.imagefiles import BadImage, decode_image, default_workers
@@ -87,6 +92,7 @@ def make_batches(
     persistent_workers: bool = True,
     bad_images: Literal["skip", "fail"] = "skip",
     fit: Literal["stretch", "crop"] = "stretch",
+    sampler: Literal["shuffle", "balanced"] = "shuffle",
 ) -> Batches:
     """Batches of ``split`` for one rank, on ``device``.
 
@@ -116,6 +122,9 @@ def make_batches(
         its batch (with a warning, listed in ``.skipped``); ``"fail"`` raises.
     :param fit: file splits: how a file meets ``image_size`` (see
         :func:`cnnreg.inputs.imagefiles.decode_image`).
+    :param sampler: ``"shuffle"`` (a permutation, or the split's order without
+        ``shuffle``); ``"balanced"``: ``len(split)`` samples drawn with
+        replacement, each class equally likely (``shuffle`` is then moot).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, not {batch_size}")
@@ -123,11 +132,14 @@ def make_batches(
         raise ValueError(f"rank must be in [0, {world_size}), not {rank}")
     if channels not in (None, 1, 3):
         raise ValueError(f"channels must be 1 or 3, not {channels}")
+    if sampler not in ("shuffle", "balanced"):
+        raise ValueError(f'sampler must be "shuffle" or "balanced", not {sampler!r}')
     if len(split) == 0:
         raise UserError(f"the {name} split is empty")
     check_labels(split.labels, num_classes, name)
+    weights = sample_weights(split.labels, num_classes) if sampler == "balanced" else None
     order = _Order(len(split), shuffle=shuffle, seed=seed, rank=rank, world_size=world_size,
-                   drop_last=drop_last, even_shards=even_shards)
+                   drop_last=drop_last, even_shards=even_shards, weights=weights)
     device = torch.device(device)
     if split.images is not None:
         return TensorBatches(split, order=order, batch_size=batch_size, drop_last=drop_last, device=device,
@@ -172,8 +184,10 @@ def epoch_seed(seed: int, epoch: int) -> int:
 class _Order:
     """Which sample indices one rank visits in an epoch, and in what order."""
 
-    def __init__(self, n: int, *, shuffle: bool, seed: int, rank: int, world_size: int, drop_last: bool, even_shards: bool):
-        self.n, self.shuffle, self.seed = n, shuffle, seed
+    def __init__(self, n: int, *, shuffle: bool, seed: int, rank: int, world_size: int, drop_last: bool, even_shards: bool,
+                 weights: torch.Tensor | None = None):
+        # weights: per-sample draw weights (the balanced sampler), drawn with replacement
+        self.n, self.shuffle, self.seed, self.weights = n, shuffle, seed, weights
         self.rank, self.world_size, self.drop_last, self.even = rank, world_size, drop_last, even_shards
         self.per_rank = samples_per_rank(n, world_size, drop_last, even_shards, rank)
         if world_size > 1 and drop_last and self.per_rank == 0:
@@ -182,11 +196,16 @@ class _Order:
     @property
     def sequential(self) -> bool:
         """The order is simply 0..n-1 (no shuffling, one rank)."""
-        return not self.shuffle and self.world_size == 1
+        return not self.shuffle and self.weights is None and self.world_size == 1
 
     def indices(self, epoch: int) -> torch.Tensor:
         """This rank's int64 indices for ``epoch``, on the CPU."""
-        if self.shuffle:
+        if self.weights is not None:
+            # A draw, not a permutation: n samples with replacement, from the
+            # epoch's seed alone, so resume and every rank see the same order.
+            perm = torch.multinomial(self.weights, self.n, replacement=True,
+                                     generator=torch.Generator().manual_seed(epoch_seed(self.seed, epoch)))
+        elif self.shuffle:
             perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(epoch_seed(self.seed, epoch)))
         else:
             perm = torch.arange(self.n)
