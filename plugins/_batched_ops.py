@@ -324,3 +324,144 @@ def adjust_hue(x: Tensor, shift: Tensor) -> Tensor:
     k = (channel_constant((5.0, 3.0, 1.0), like=x) + 6.0 * hue.unsqueeze(1)).remainder(6.0)
     ramp = torch.minimum(k, 4.0 - k).clamp(0, 1)
     return maxc - (maxc * saturation) * ramp
+
+
+# -- affine warps ----------------------------------------------------------------------
+
+
+def inverse_affine_matrix(
+    angle: Tensor, translate: tuple[Tensor, Tensor], scale: Tensor, shear: tuple[Tensor, Tensor],
+    center: tuple[float, float],
+) -> Tensor:
+    """Per-sample ``[B, 2, 3]`` output -> input maps, torchvision's ``_get_inverse_affine_matrix``.
+
+    Angles and shears in degrees, ``center`` in pixels from the image centre
+    (as torchvision's tensor kernel passes it), all tensors ``[B]``.
+    torchvision builds the matrix in double precision on the host; this builds
+    it in float64 on the device where it has float64 (MPS has not), so nearest
+    sampling breaks the same pixel-border ties.
+    """
+    dtype = torch.float32 if angle.device.type == "mps" else torch.float64
+    rot, sx, sy = (torch.deg2rad(t.to(dtype)) for t in (angle, shear[0], shear[1]))
+    tx, ty, scale = translate[0].to(dtype), translate[1].to(dtype), scale.to(dtype)
+    cx, cy = center
+    a = torch.cos(rot - sy) / torch.cos(sy)
+    b = -(a * torch.tan(sx) + torch.sin(rot))
+    c = torch.sin(rot - sy) / torch.cos(sy)
+    d = torch.cos(rot) - c * torch.tan(sx)
+    m0, m1, m3, m4 = d / scale, -b / scale, -c / scale, a / scale
+    m2 = cx - m0 * (cx + tx) - m1 * (cy + ty)
+    m5 = cy - m3 * (cx + tx) - m4 * (cy + ty)
+    return torch.stack([torch.stack([m0, m1, m2], dim=1), torch.stack([m3, m4, m5], dim=1)], dim=1)
+
+
+def affine(x: Tensor, matrix: Tensor, interpolation: str, fill: Tensor | float) -> Tensor:
+    """Warp each sample by its inverse map ``matrix[b]`` (from ``inverse_affine_matrix``):
+    torchvision's ``affine`` tensor kernel (its grid, one ``grid_sample``, its fill rule)."""
+    batch, channels, height, width = x.shape
+    theta = (matrix / matrix.new_tensor([0.5 * width, 0.5 * height]).view(1, 2, 1)).to(x.dtype)
+    xs = torch.linspace((1.0 - width) * 0.5, (width - 1.0) * 0.5, steps=width, device=x.device, dtype=x.dtype)
+    ys = torch.linspace((1.0 - height) * 0.5, (height - 1.0) * 0.5, steps=height, device=x.device, dtype=x.dtype)
+    ones = torch.ones(height, width, device=x.device, dtype=x.dtype)
+    base = torch.stack([xs.expand(height, width), ys[:, None].expand(height, width), ones], dim=-1)
+    grid = torch.matmul(base.view(1, height * width, 3), theta.transpose(1, 2)).view(batch, height, width, 2)
+    ones = torch.ones(batch, 1, height, width, device=x.device, dtype=x.dtype)
+    sampled = F.grid_sample(torch.cat([x, ones], dim=1), grid, mode=interpolation, padding_mode="zeros",
+                            align_corners=False)
+    image, coverage = sampled[:, :channels], sampled[:, channels:]
+    if interpolation == "nearest":
+        out = torch.where(coverage < 0.5, fill, image)
+    else:
+        out = (image - fill) * coverage + fill
+    return keep_memory_format(out, x)
+
+
+# -- more colour ops (AutoAugment's) ---------------------------------------------------
+
+
+def _per_sample(values: Tensor, like: Tensor) -> Tensor:
+    return values.to(like.dtype).view(-1, 1, 1, 1)
+
+
+@functools.lru_cache(maxsize=64)
+def _sharpness_kernel(channels: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    kernel = torch.tensor([[1.0, 1.0, 1.0], [1.0, 5.0, 1.0], [1.0, 1.0, 1.0]], dtype=dtype, device=device) / 13.0
+    return kernel.expand(channels, 1, 3, 3)
+
+
+def adjust_sharpness(x: Tensor, factor: Tensor) -> Tensor:
+    """torchvision ``adjust_sharpness`` with a factor per sample: the interior blends
+    away from a 3x3 smoothed image, the one-pixel border is kept."""
+    channels, height, width = x.shape[-3:]
+    if height <= 2 or width <= 2:
+        return x
+    blurred = F.conv2d(x, _sharpness_kernel(channels, x.device, x.dtype), groups=channels)
+    out = x.clone()
+    inner = out[..., 1:-1, 1:-1]
+    inner.add_((blurred - inner) * (1.0 - _per_sample(factor, x)))
+    return out.clamp_(0, 1)
+
+
+def posterize(x: Tensor, bits: Tensor) -> Tensor:
+    """torchvision ``posterize`` on float images, ``bits[b]`` per sample: ``2**bits`` levels
+    (so 8 bits still quantises a float image to multiples of 1/256, as torchvision does)."""
+    levels = _per_sample(torch.pow(2.0, bits.to(torch.float32)), x)
+    return x.mul(levels).floor_().clamp_(min=0).minimum(levels - 1).div_(levels)
+
+
+def solarize(x: Tensor, threshold: Tensor) -> Tensor:
+    """torchvision ``solarize``: invert the pixels at or above ``threshold[b]``."""
+    return torch.where(x >= _per_sample(threshold, x), 1.0 - x, x)
+
+
+def autocontrast(x: Tensor) -> Tensor:
+    """torchvision ``autocontrast``: stretch each channel of each sample to [0, 1]."""
+    low = x.amin(dim=(-2, -1), keepdim=True)
+    high = x.amax(dim=(-2, -1), keepdim=True)
+    flat = high == low  # a constant channel stays as it is
+    low = torch.where(flat, 0.0, low)
+    spread = torch.where(flat, 1.0, high - low)
+    return (x - low).div_(spread).clamp_(0, 1)
+
+
+def equalize(x: Tensor) -> Tensor:
+    """torchvision ``equalize`` on float images: on 256 levels (as its uint8 conversion
+    makes them), PIL's lookup table per channel of each sample, back to [0, 1].
+
+    As in torchvision the result is quantised to multiples of 1/255 even where a
+    channel is left alone (a single level)."""
+    batch, channels, height, width = x.shape
+    levels = x.mul(256.0 - 1e-3).to(torch.uint8).reshape(batch * channels, height * width).long()
+    hist = torch.zeros(batch * channels, 256, dtype=torch.int64, device=x.device)
+    hist.scatter_add_(1, levels, torch.ones_like(levels))
+    cum = hist.cumsum(dim=1)
+    # pixels not at the channel's top level (the first index reaching the full count)
+    below_top = height * width - hist.gather(1, cum.argmax(dim=1, keepdim=True))
+    step = below_top.div(255, rounding_mode="floor")
+    lut = (cum[:, :-1] + step // 2).div(step.clamp(min=1), rounding_mode="floor").clamp(0, 255)
+    lut = torch.cat([torch.zeros_like(lut[:, :1]), lut], dim=1)
+    out = torch.where(step != 0, lut.gather(1, levels), levels)
+    return keep_memory_format(out.view(batch, channels, height, width).to(x.dtype).mul_(1.0 / 255), x)
+
+
+# -- blur ------------------------------------------------------------------------------
+
+
+def gaussian_blur(x: Tensor, kernel_size: tuple[int, int], sigma: Tensor) -> Tensor:
+    """torchvision ``gaussian_blur`` with ``sigma[b]`` per sample (same on both axes);
+    ``kernel_size`` is (x, y) as in torchvision. Reflect padding, and the kernel,
+    separable, as two grouped convolutions: one group per (sample, channel)."""
+    batch, channels, height, width = x.shape
+    kx, ky = kernel_size
+
+    def kernel(size: int) -> Tensor:  # torchvision's: a softmax over (t / sigma)^2
+        lim = (size - 1) / (2.0 * math.sqrt(2.0))
+        t = torch.linspace(-lim, lim, steps=size, device=x.device, dtype=x.dtype)
+        k = torch.softmax(-(t[None, :] / sigma.to(x.dtype)[:, None]).pow(2), dim=1)  # [B, size]
+        return k.repeat_interleave(channels, dim=0)  # [B*C, size]
+
+    padded = F.pad(x, (kx // 2, kx // 2, ky // 2, ky // 2), mode="reflect")
+    planes = padded.reshape(1, batch * channels, *padded.shape[-2:])
+    planes = F.conv2d(planes, kernel(kx).view(batch * channels, 1, 1, kx), groups=batch * channels)
+    planes = F.conv2d(planes, kernel(ky).view(batch * channels, 1, ky, 1), groups=batch * channels)
+    return keep_memory_format(planes.view(batch, channels, height, width), x)

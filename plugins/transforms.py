@@ -613,16 +613,15 @@ class CenterCrop:
     size: tuple[int, int]
 
     def __call__(self, x: Tensor) -> Tensor:
-        if self.size[0] > x.shape[-2] or self.size[1] > x.shape[-1]:
-            raise ValueError(f"center_crop size {self.size[0]}x{self.size[1]} is larger than the "
-                             f"{x.shape[-2]}x{x.shape[-1]} image; lower size or resize first")
+        # A crop larger than the image pads it with zeros first, as torchvision's center_crop does.
         from torchvision.transforms.v2 import functional as TF
 
         return TF.center_crop(x, list(self.size))
 
 
 def center_crop(size: Size | None = None, *, context: DataContext) -> CenterCrop:
-    """Cut the central part of every image (torchvision CenterCrop).
+    """Cut the central part of every image (torchvision CenterCrop); a size larger than
+    the image pads it with zeros, as torchvision does.
 
     Args:
         size: an int for a square or [height, width]; default the model's

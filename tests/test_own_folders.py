@@ -409,8 +409,8 @@ def test_absent_data_still_checks_the_rest(tmp_path):
     with pytest.raises(RecipeError, match="lr_sheduler"):
         cnnreg.validate(recipe)
     recipe = recipe_for(tmp_path, tmp_path / "not-yet", data__size=32,
-                        transforms={"train": [{"name": "center_crop", "size": 80}], "eval": []})
-    with pytest.raises(RecipeError, match=r"transforms\.train\[0\].*center_crop size 80x80 is larger than the 32x32"):
+                        transforms={"train": [{"name": "random_crop", "size": 80}], "eval": []})
+    with pytest.raises(RecipeError, match=r"transforms\.train\[0\].*random_crop size 80x80 is larger than"):
         cnnreg.validate(recipe)
 
 

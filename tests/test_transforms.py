@@ -639,12 +639,19 @@ def test_center_crop_matches_torchvision_and_defaults_to_the_model_size():
     assert T.center_crop(context=CONTEXT)(x).shape == (8, 3, 12, 12)
 
 
-@pytest.mark.parametrize("size", [(13, 10), (10, 16)])
-def test_center_crop_larger_than_image_is_a_clear_error(size):
-    # larger on one axis only is enough (torchvision would pad instead)
-    with pytest.raises(ValueError, match=rf"^center_crop size {size[0]}x{size[1]} is larger than the 12x15 image; "
-                                         r"lower size or resize first$"):
-        T.center_crop(size, context=CONTEXT)(batch(h=12, w=15))
+@pytest.mark.parametrize("size", [(13, 10), (10, 16), (17, 20)])
+def test_center_crop_larger_than_image_pads_as_torchvision(size):
+    # larger on one axis or both: zero padding, split as torchvision splits it
+    x = batch(h=12, w=15)
+    out = T.center_crop(size, context=CONTEXT)(x)
+    assert out.shape == (8, 3, *size)
+    assert torch.equal(out, TF.center_crop(x, list(size)))
+    # independently: the image sits at the centre (the odd pixel after it), zeros around it
+    top, left = max(size[0] - 12, 0) // 2, max(size[1] - 15, 0) // 2
+    expected = torch.zeros(8, 3, max(size[0], 12), max(size[1], 15))
+    expected[:, :, top:top + 12, left:left + 15] = x
+    crop_top, crop_left = (expected.shape[-2] - size[0]) // 2, (expected.shape[-1] - size[1]) // 2
+    assert torch.equal(out, expected[:, :, crop_top:crop_top + size[0], crop_left:crop_left + size[1]])
 
 
 @pytest.mark.parametrize("device", DEVICES)
