@@ -22,7 +22,11 @@ optimizer step with ``interval="step"``; all of them, and reduce_on_plateau,
 can start with a linear warm-up of ``warmup_epochs`` epochs from
 ``warmup_start_factor`` times the rate to the rate. The warm-up moves in the
 schedule's own interval: once per epoch by default, smoothly per step with
-``interval="step"``. Epoch numbers (``t_max``, ``step_size``,
+``interval="step"``. With ``warmup_steps`` instead, the warm-up moves per
+optimizer step whatever the interval (timm's ``warmup_t`` with
+``t_in_epochs=False``), and an epoch schedule then goes on per epoch: the
+epoch in which the warm-up ends runs at the full rate, and the schedule's
+next epochs are counted as with ``warmup_epochs``. Epoch numbers (``t_max``, ``step_size``,
 ``milestones``) count from the start of training: warm-up takes the place
 of the schedule's first epochs, it does not postpone them. onecycle and
 triangular change the rate per optimizer step and rise from a lower rate
@@ -52,6 +56,7 @@ from torch.optim.lr_scheduler import (
 )
 
 from cnnreg import hookimpl
+from cnnreg.core.errors import UserError
 from cnnreg.core.records import Schedule, infer_mode
 
 ParamGroups = list[dict[str, Any]]
@@ -62,6 +67,7 @@ Beta = Annotated[float, Field(ge=0, lt=1)]
 Epochs = Annotated[int, Field(ge=1)]
 Steps = Annotated[int, Field(ge=1)]
 WarmupEpochs = Annotated[int, Field(ge=0)]
+WarmupSteps = Annotated[int, Field(ge=0)]
 StartFactor = Annotated[float, Field(gt=0, le=1)]
 Decay = Annotated[float, Field(gt=0, le=1)]
 BiasNormLrMult = Annotated[float, Field(gt=0)]
@@ -219,9 +225,91 @@ def rmsprop(
     return torch.optim.RMSprop(groups, **options, **_fast_path(torch.optim.RMSprop, groups))
 
 
+def muon(
+    params: ParamGroups,
+    lr: LearningRate = 0.02,
+    momentum: Momentum = 0.95,
+    nesterov: bool = True,
+    weight_decay: NonNegative = 0.01,
+    ns_steps: Annotated[int, Field(ge=1, lt=100)] = 5,
+    adjust_lr_fn: Literal["original", "match_rms_adamw"] = "original",
+    head: Literal["others", "muon"] = "others",
+    others: Literal["adamw", "sgd"] = "adamw",
+    others_lr: LearningRate = 3e-4,
+    others_betas: tuple[Beta, Beta] = (0.9, 0.95),
+    others_momentum: Momentum = 0.9,
+    others_nesterov: bool = False,
+    others_weight_decay: NonNegative = 0.01,
+) -> Optimizer:
+    """Muon for the weight matrices and conv filters, AdamW or SGD for the rest (torch.optim.Muon).
+
+    As Keller Jordan's Muon and airbench94_muon: Muon orthogonalises the
+    momentum of each hidden weight with a Newton-Schulz iteration; biases,
+    normalisation parameters (at most one dimension) and the output head go
+    to ``others``. The head is the last parameter of two or more dimensions
+    in the model's order (its classifier's weight); ``head="muon"`` gives it
+    to Muon too. torch's Muon takes 2-D parameters only, so a conv filter
+    ``[out, in, kh, kw]`` is stepped as its ``[out, in * kh * kw]`` matrix,
+    as airbench94_muon does. Both optimizers look like one to the engine:
+    the others' groups come first, then Muon's (whose rate the engine logs),
+    each group keeps its ``lr_mult``, and schedules scale both rates alike.
+    Needs torch 2.9 or later.
+
+    Args:
+        params: parameter groups; given by the engine.
+        lr: Muon's learning rate, > 0 (0.02 in Keller Jordan's README).
+        momentum: Muon's momentum factor in [0, 1).
+        nesterov: Nesterov momentum for Muon.
+        weight_decay: Muon's decoupled weight decay.
+        ns_steps: Newton-Schulz iterations per step.
+        adjust_lr_fn: how Muon scales the rate by a matrix's shape: "original"
+            (sqrt(max(1, rows / columns))) or "match_rms_adamw" (0.2 sqrt(max(rows, columns))).
+        head: "others" (as Keller Jordan recommends) or "muon" for the output layer's weight.
+        others: the optimizer of the rest, "adamw" or "sgd".
+        others_lr: its learning rate.
+        others_betas: AdamW's betas for the rest.
+        others_momentum: SGD's momentum for the rest.
+        others_nesterov: SGD's Nesterov momentum for the rest.
+        others_weight_decay: the rest's weight decay (decoupled for AdamW, L2 for SGD).
+    """
+    if not hasattr(torch.optim, "Muon"):
+        raise UserError(f"optimizer muon needs torch.optim.Muon, in torch 2.9 or later; this is torch "
+                        f"{torch.__version__}: upgrade torch, or use adamw or sgd")
+    _check_lr(lr)
+    _check_lr(others_lr)
+    _check_range("momentum", momentum, 0, 1)
+    if others_nesterov and others == "sgd" and others_momentum <= 0:
+        raise ValueError("others_nesterov needs others_momentum > 0: set others_momentum, e.g. 0.9")
+    items = list(params)
+    groups = _scaled_groups(items, lr)  # checks the groups; Muon's rates
+    own_lr = [isinstance(item, dict) and "lr" in item for item in items] if len(groups) == len(items) else []
+    matrices = [p for group in groups for p in group["params"] if p.ndim >= 2]
+    head_param = matrices[-1] if head == "others" and matrices else None
+    to_muon = {id(p) for p in matrices if p is not head_param}
+    muon_groups, other_groups = [], []
+    for i, group in enumerate(groups):
+        # the others' rate is others_lr * lr_mult; a group's own rate keeps its ratio to lr
+        rest = {key: value for key, value in group.items() if key != "lr"}
+        if i < len(own_lr) and own_lr[i]:
+            rest["lr"] = group["lr"] / lr * others_lr
+        muon_groups.append({**group, "params": [p for p in group["params"] if id(p) in to_muon]})
+        other_groups.append({**rest, "params": [p for p in group["params"] if id(p) not in to_muon]})
+    if not any(group["params"] for group in muon_groups):
+        raise UserError("optimizer muon found no weight of two or more dimensions besides the head: "
+                        "use adamw or sgd for this model, or head 'muon'")
+    if others == "adamw":
+        rest_optimizer = adamw(other_groups, lr=others_lr, betas=others_betas, weight_decay=others_weight_decay)
+    else:
+        rest_optimizer = sgd(other_groups, lr=others_lr, momentum=others_momentum, nesterov=others_nesterov,
+                             weight_decay=others_weight_decay)
+    options = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, ns_steps=ns_steps,
+                   adjust_lr_fn=adjust_lr_fn)
+    return MuonWithOthers(muon_groups, rest_optimizer, **options)
+
+
 @hookimpl
 def cnnreg_optimizers():
-    return {"sgd": sgd, "adam": adam, "adamw": adamw, "rmsprop": rmsprop}
+    return {"sgd": sgd, "adam": adam, "adamw": adamw, "rmsprop": rmsprop, "muon": muon}
 
 
 # -- schedules -------------------------------------------------------------------
@@ -238,6 +326,7 @@ def reduce_on_plateau(
     min_lr: NonNegative = 0.0,
     warmup_epochs: WarmupEpochs = 0,
     warmup_start_factor: StartFactor = 0.1,
+    warmup_steps: WarmupSteps = 0,
 ) -> Schedule:
     """Cut the rate by a factor when the monitored metric stops improving (torch's ReduceLROnPlateau).
 
@@ -256,18 +345,19 @@ def reduce_on_plateau(
         min_lr: the rate never goes below this.
         warmup_epochs: epochs of linear warm-up before watching the metric.
         warmup_start_factor: first warm-up epoch's share of the rate, in (0, 1].
+        warmup_steps: optimizer steps of linear warm-up instead of warmup_epochs, per step.
     """
     mode = mode or monitor_mode(monitor)
     if mode not in ("min", "max"):
         raise ValueError(f"mode must be 'min' or 'max', not {mode!r}")
     if not 0 < factor < 1:
         raise ValueError(f"factor must be in (0, 1), not {factor!r}")
-    _check_warmup(warmup_epochs, warmup_start_factor)
+    _check_warmup(warmup_epochs, warmup_start_factor, warmup_steps=warmup_steps)
     options = dict(mode=mode, factor=factor, patience=patience, threshold=threshold, cooldown=cooldown, min_lr=min_lr)
-    if warmup_epochs == 0:
+    if warmup_epochs == 0 and warmup_steps == 0:
         scheduler: ReduceLROnPlateau = ReduceLROnPlateau(optimizer, **options)
     else:
-        scheduler = WarmupThenPlateau(optimizer, warmup_epochs, warmup_start_factor, **options)
+        scheduler = WarmupThenPlateau(optimizer, warmup_epochs, warmup_start_factor, warmup_steps, **options)
     return Schedule(scheduler, "epoch", monitor)
 
 
@@ -280,6 +370,7 @@ def cosine(
     interval: Interval = "epoch",
     warmup_epochs: WarmupEpochs = 0,
     warmup_start_factor: StartFactor = 0.1,
+    warmup_steps: WarmupSteps = 0,
 ) -> Schedule:
     """Cosine annealing from the rate down to eta_min at epoch t_max (torch's CosineAnnealingLR).
 
@@ -296,14 +387,16 @@ def cosine(
         interval: change the rate per "epoch" or smoothly per "step".
         warmup_epochs: epochs of linear warm-up, replacing the curve's start.
         warmup_start_factor: share of the rate the warm-up starts from, in (0, 1].
+        warmup_steps: optimizer steps of linear warm-up instead of warmup_epochs, per step.
     """
     t_max = epochs if t_max is None else t_max
-    _check_warmup(warmup_epochs, warmup_start_factor, before=t_max, what=f"t_max ({t_max})")
+    _check_warmup(warmup_epochs, warmup_start_factor, before=t_max, what=f"t_max ({t_max})",
+                  warmup_steps=warmup_steps, steps_per_epoch=steps_per_epoch)
 
     def build(per_epoch: int, warmup: int) -> LRScheduler:
         return CosineAnnealingLR(optimizer, T_max=t_max * per_epoch - warmup, eta_min=eta_min)
 
-    return _timed(optimizer, build, interval, warmup_epochs, warmup_start_factor, steps_per_epoch)
+    return _timed(optimizer, build, interval, warmup_epochs, warmup_start_factor, steps_per_epoch, warmup_steps)
 
 
 def step(
@@ -315,6 +408,7 @@ def step(
     interval: Interval = "epoch",
     warmup_epochs: WarmupEpochs = 0,
     warmup_start_factor: StartFactor = 0.1,
+    warmup_steps: WarmupSteps = 0,
 ) -> Schedule:
     """Multiply the rate by gamma every step_size epochs (torch's StepLR).
 
@@ -327,8 +421,10 @@ def step(
         interval: change the rate per "epoch" or per "step" (matters for the warm-up only).
         warmup_epochs: epochs of linear warm-up; must be shorter than step_size.
         warmup_start_factor: share of the rate the warm-up starts from, in (0, 1].
+        warmup_steps: optimizer steps of linear warm-up instead of warmup_epochs, per step.
     """
-    _check_warmup(warmup_epochs, warmup_start_factor, before=step_size, what=f"step_size ({step_size})")
+    _check_warmup(warmup_epochs, warmup_start_factor, before=step_size, what=f"step_size ({step_size})",
+                  warmup_steps=warmup_steps, steps_per_epoch=steps_per_epoch)
 
     def build(per_epoch: int, warmup: int) -> LRScheduler:
         if warmup == 0:
@@ -338,7 +434,7 @@ def step(
         drops = [k * step_size * per_epoch - warmup for k in range(1, epochs // step_size + 1)]
         return MultiStepLR(optimizer, milestones=drops, gamma=gamma)
 
-    return _timed(optimizer, build, interval, warmup_epochs, warmup_start_factor, steps_per_epoch)
+    return _timed(optimizer, build, interval, warmup_epochs, warmup_start_factor, steps_per_epoch, warmup_steps)
 
 
 def multistep(
@@ -350,6 +446,7 @@ def multistep(
     interval: Interval = "epoch",
     warmup_epochs: WarmupEpochs = 0,
     warmup_start_factor: StartFactor = 0.1,
+    warmup_steps: WarmupSteps = 0,
 ) -> Schedule:
     """Multiply the rate by gamma at each milestone epoch (torch's MultiStepLR).
 
@@ -363,16 +460,18 @@ def multistep(
         interval: change the rate per "epoch" or per "step" (matters for the warm-up only).
         warmup_epochs: epochs of linear warm-up; must end before the first milestone.
         warmup_start_factor: share of the rate the warm-up starts from, in (0, 1].
+        warmup_steps: optimizer steps of linear warm-up instead of warmup_epochs, per step.
     """
     if not milestones or any(m < 1 for m in milestones) or list(milestones) != sorted(set(milestones)):
         raise ValueError(f"milestones must be increasing epoch numbers >= 1, e.g. [30, 60, 80], not {list(milestones)}")
     first = milestones[0]
-    _check_warmup(warmup_epochs, warmup_start_factor, before=first, what=f"the first milestone ({first})")
+    _check_warmup(warmup_epochs, warmup_start_factor, before=first, what=f"the first milestone ({first})",
+                  warmup_steps=warmup_steps, steps_per_epoch=steps_per_epoch)
 
     def build(per_epoch: int, warmup: int) -> LRScheduler:
         return MultiStepLR(optimizer, milestones=[m * per_epoch - warmup for m in milestones], gamma=gamma)
 
-    return _timed(optimizer, build, interval, warmup_epochs, warmup_start_factor, steps_per_epoch)
+    return _timed(optimizer, build, interval, warmup_epochs, warmup_start_factor, steps_per_epoch, warmup_steps)
 
 
 def exponential(
@@ -383,6 +482,7 @@ def exponential(
     interval: Interval = "epoch",
     warmup_epochs: WarmupEpochs = 0,
     warmup_start_factor: StartFactor = 0.1,
+    warmup_steps: WarmupSteps = 0,
 ) -> Schedule:
     """Multiply the rate by gamma every epoch (torch's ExponentialLR).
 
@@ -398,13 +498,15 @@ def exponential(
         interval: change the rate per "epoch" or smoothly per "step".
         warmup_epochs: epochs of linear warm-up before the decay starts.
         warmup_start_factor: share of the rate the warm-up starts from, in (0, 1].
+        warmup_steps: optimizer steps of linear warm-up instead of warmup_epochs, per step.
     """
-    _check_warmup(warmup_epochs, warmup_start_factor, before=epochs, what=f"epochs ({epochs})")
+    _check_warmup(warmup_epochs, warmup_start_factor, before=epochs, what=f"epochs ({epochs})",
+                  warmup_steps=warmup_steps, steps_per_epoch=steps_per_epoch)
 
     def build(per_epoch: int, warmup: int) -> LRScheduler:
         return ExponentialLR(optimizer, gamma=gamma ** (1.0 / per_epoch))
 
-    return _timed(optimizer, build, interval, warmup_epochs, warmup_start_factor, steps_per_epoch)
+    return _timed(optimizer, build, interval, warmup_epochs, warmup_start_factor, steps_per_epoch, warmup_steps)
 
 
 def onecycle(
@@ -527,21 +629,39 @@ class WarmupThenPlateau(ReduceLROnPlateau):
     warm-up's, so a resumed run continues where it stopped.
     """
 
-    def __init__(self, optimizer: Optimizer, warmup_epochs: int, warmup_start_factor: float, **options: Any) -> None:
+    def __init__(self, optimizer: Optimizer, warmup_epochs: int, warmup_start_factor: float, warmup_steps: int = 0,
+                 **options: Any) -> None:
         super().__init__(optimizer, **options)
         self.warmup_epochs = warmup_epochs
-        self.warmup = LinearLR(optimizer, start_factor=warmup_start_factor, total_iters=warmup_epochs)
+        self.warmup_steps = warmup_steps
+        self.warming = False  # a warm-up step happened in this epoch: its metric is not watched
+        self.warmup = LinearLR(optimizer, start_factor=warmup_start_factor, total_iters=warmup_steps or warmup_epochs)
         self._last_lr = self.warmup.get_last_lr()
+        if warmup_steps:
+            # the engine steps this schedule once an epoch (it needs the metric):
+            # the per-step warm-up follows the optimizer's own steps instead
+            self._hook = optimizer.register_step_post_hook(self._after_optimizer_step)
+
+    def _after_optimizer_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
+        if self.warmup.last_epoch < self.warmup_steps:
+            self.warmup.step()
+            self._last_lr = self.warmup.get_last_lr()
+            self.warming = True
 
     def step(self, metrics: Any, epoch: int | None = None) -> None:  # type: ignore[override]
-        if self.warmup.last_epoch < self.warmup_epochs:
+        if self.warmup_steps:
+            if self.warming or self.warmup.last_epoch < self.warmup_steps:
+                self.warming = False
+                return
+            super().step(metrics, epoch)
+        elif self.warmup.last_epoch < self.warmup_epochs:
             self.warmup.step()
             self._last_lr = self.warmup.get_last_lr()
         else:
             super().step(metrics, epoch)
 
     def state_dict(self) -> dict[str, Any]:
-        state = {key: value for key, value in self.__dict__.items() if key not in ("optimizer", "warmup")}
+        state = {key: value for key, value in self.__dict__.items() if key not in ("optimizer", "warmup", "_hook")}
         state["warmup"] = self.warmup.state_dict()
         return state
 
@@ -550,6 +670,134 @@ class WarmupThenPlateau(ReduceLROnPlateau):
         warmup = state.pop("warmup")
         super().load_state_dict(state)
         self.warmup.load_state_dict(warmup)
+
+
+class MuonWithOthers(Optimizer):
+    """torch's Muon for some parameters and another optimizer for the rest, as one optimizer.
+
+    The engine, GradScaler, gradient clipping and the schedules see one
+    ``Optimizer``: ``param_groups`` are the others' groups, then Muon's, with
+    the model's own parameters (conv filters in their 4-D shape), and every
+    option a schedule changes there (``lr``, ``momentum``) is copied to the
+    inner optimizers before each step. torch's Muon refuses parameters of
+    more than two dimensions, so it steps a 2-D shadow of each: the weight is
+    copied in, its gradient viewed (copied when channels-last) as a matrix,
+    and the result copied back; the copies are small next to a CNN's
+    activations. ``state_dict`` has torch's layout (``state`` and
+    ``param_groups`` numbered over all parameters), so resuming and the
+    checks of a resumed run's groups work unchanged.
+    """
+
+    def __init__(self, muon_groups: ParamGroups, others: Optimizer, **muon_options: Any) -> None:
+        self.others = others
+        self._shadows: dict[int, torch.Tensor] = {}  # id of a >2-D parameter -> its 2-D shadow
+        inner = []
+        for group in muon_groups:
+            flat = []
+            for p in group["params"]:
+                if p.ndim > 2:
+                    self._shadows[id(p)] = torch.empty(p.shape[0], p[0].numel(), dtype=p.dtype, device=p.device)
+                    flat.append(self._shadows[id(p)])
+                else:
+                    flat.append(p)
+            inner.append({**group, "params": flat})
+        self.muon = torch.optim.Muon(inner, **muon_options)
+        outer = [dict(group) for group in others.param_groups]
+        outer += [{**dict(inner_group), "params": list(group["params"])}
+                  for inner_group, group in zip(self.muon.param_groups, muon_groups)]
+        super().__init__(outer, {})  # no defaults: they would be added to the others' groups
+        # Muon's defaults after, so that onecycle's cycle_momentum finds a "momentum" to cycle
+        self.defaults = dict(self.muon.defaults)
+        self._pairs = [(p, self._shadows[id(p)]) for group in muon_groups for p in group["params"] if id(p) in self._shadows]
+
+    def _inner_groups(self) -> list[dict[str, Any]]:
+        return [*self.others.param_groups, *self.muon.param_groups]
+
+    def _push_options(self) -> None:
+        """Copy every option but the parameters from the outer groups to the inner ones."""
+        for outer, inner in zip(self.param_groups, self._inner_groups()):
+            inner.update({key: value for key, value in outer.items() if key != "params"})
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._push_options()
+        for p, shadow in self._pairs:
+            shadow.copy_(p.reshape(shadow.shape))  # the weight may have changed outside (EMA, a loaded checkpoint)
+            shadow.grad = None if p.grad is None else p.grad.reshape(shadow.shape)
+        self.others.step()
+        self.muon.step()
+        for p, shadow in self._pairs:
+            p.copy_(shadow.view(p.shape))
+            shadow.grad = None
+        return loss
+
+    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
+        self._push_options()
+        first, second = self.others.state_dict(), self.muon.state_dict()
+        offset = sum(len(group["params"]) for group in first["param_groups"])
+        state = {**first["state"], **{index + offset: value for index, value in second["state"].items()}}
+        groups = first["param_groups"] + [
+            {**group, "params": [index + offset for index in group["params"]]} for group in second["param_groups"]
+        ]
+        return {"state": state, "param_groups": groups}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
+        groups = state_dict["param_groups"]
+        count = len(self.others.param_groups)
+        if len(groups) != len(self.param_groups):
+            raise ValueError(f"the saved optimizer has {len(groups)} parameter groups, this one {len(self.param_groups)}")
+        offset = sum(len(group["params"]) for group in groups[:count])
+        state = state_dict["state"]
+        self.others.load_state_dict({
+            "state": {index: value for index, value in state.items() if index < offset},
+            "param_groups": groups[:count],
+        })
+        self.muon.load_state_dict({
+            "state": {index - offset: value for index, value in state.items() if index >= offset},
+            "param_groups": [{**group, "params": [index - offset for index in group["params"]]}
+                             for group in groups[count:]],
+        })
+        for outer, inner in zip(self.param_groups, self._inner_groups()):
+            outer.update({key: value for key, value in inner.items() if key != "params"})
+
+
+class StepWarmupThenEpochs:
+    """A linear warm-up per optimizer step, then an epoch schedule stepped at each epoch's end.
+
+    The engine steps it after every optimizer step (its interval is "step"):
+    each of the first ``warmup_steps`` steps moves the warm-up, and from then
+    on the last step of each epoch moves the epoch schedule, as timm's
+    schedulers do with ``warmup_t`` in updates and the schedule in epochs.
+    """
+
+    def __init__(self, optimizer: Optimizer, warmup: LRScheduler, main: LRScheduler, warmup_steps: int,
+                 steps_per_epoch: int) -> None:
+        self.optimizer = optimizer
+        self.warmup, self.main = warmup, main
+        self.warmup_steps, self.steps_per_epoch = warmup_steps, steps_per_epoch
+        self.last_epoch = 0  # optimizer steps taken, as torch's per-step schedules count them
+
+    def step(self) -> None:
+        self.last_epoch += 1
+        if self.last_epoch <= self.warmup_steps:
+            self.warmup.step()
+        elif self.last_epoch % self.steps_per_epoch == 0:
+            self.main.step()
+
+    def get_last_lr(self) -> list[float]:
+        return [group["lr"] for group in self.optimizer.param_groups]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"last_epoch": self.last_epoch, "warmup": self.warmup.state_dict(), "main": self.main.state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.last_epoch = state_dict["last_epoch"]
+        self.warmup.load_state_dict(state_dict["warmup"])
+        self.main.load_state_dict(state_dict["main"])
 
 
 @dataclass(frozen=True)
@@ -662,19 +910,27 @@ def _timed(
     warmup_epochs: int,
     warmup_start_factor: float,
     steps_per_epoch: int,
+    warmup_steps: int = 0,
 ) -> Schedule:
     """A schedule of time alone, after an optional linear warm-up, in ``interval`` units.
 
     ``build(per_epoch, warmup)`` makes the main schedule; its count starts
     at 0 when the warm-up (``warmup`` units) ends, and it converts epochs to
-    units with ``per_epoch``.
+    units with ``per_epoch``. A warm-up of ``warmup_steps`` before an epoch
+    schedule is stepped per step (:class:`StepWarmupThenEpochs`); the epoch
+    schedule counts from the epoch in which it ends.
     """
     if interval not in ("epoch", "step"):
         raise ValueError(f"interval must be 'epoch' or 'step', not {interval!r}")
     if steps_per_epoch < 1:
         raise ValueError(f"steps_per_epoch must be >= 1, not {steps_per_epoch}")
     per_epoch = steps_per_epoch if interval == "step" else 1
-    warmup = warmup_epochs * per_epoch
+    if warmup_steps and interval == "epoch":
+        main = build(1, warmup_steps // steps_per_epoch)
+        # made after main, so it starts from main's first rate, the full one
+        ramp = LinearLR(optimizer, start_factor=warmup_start_factor, end_factor=1.0, total_iters=warmup_steps)
+        return Schedule(StepWarmupThenEpochs(optimizer, ramp, main, warmup_steps, steps_per_epoch), "step")
+    warmup = warmup_steps or warmup_epochs * per_epoch
     if warmup == 0:
         return Schedule(build(per_epoch, 0), interval)
     ramp = LinearLR(optimizer, start_factor=warmup_start_factor, end_factor=1.0, total_iters=warmup)
@@ -682,13 +938,22 @@ def _timed(
     return Schedule(SequentialLR(optimizer, [ramp, main], milestones=[warmup]), interval)
 
 
-def _check_warmup(warmup_epochs: int, start_factor: float, before: int | None = None, what: str = "") -> None:
+def _check_warmup(warmup_epochs: int, start_factor: float, before: int | None = None, what: str = "",
+                  warmup_steps: int = 0, steps_per_epoch: int = 1) -> None:
     if warmup_epochs < 0:
         raise ValueError(f"warmup_epochs must be >= 0, not {warmup_epochs}")
+    if warmup_steps < 0:
+        raise ValueError(f"warmup_steps must be >= 0, not {warmup_steps}")
+    if warmup_epochs and warmup_steps:
+        raise ValueError(f"warmup_epochs ({warmup_epochs}) and warmup_steps ({warmup_steps}) are both set: "
+                         "give one of them, the other 0")
     if not 0 < start_factor <= 1:
         raise ValueError(f"warmup_start_factor must be in (0, 1], not {start_factor!r}")
     if before is not None and warmup_epochs >= before:
         raise ValueError(f"warmup_epochs ({warmup_epochs}) must end before {what}: shorten the warm-up")
+    if before is not None and warmup_steps >= before * steps_per_epoch:
+        raise ValueError(f"warmup_steps ({warmup_steps}) must end before {what}, at step "
+                         f"{before * steps_per_epoch} ({steps_per_epoch} a epoch): shorten the warm-up")
 
 
 def _check_lr(lr: float) -> None:

@@ -121,7 +121,7 @@ def schema(factory):
 
 
 def test_the_plugin_registers_its_optimizers_and_schedulers():
-    assert optim.cnnreg_optimizers() == OPTIMIZERS
+    assert optim.cnnreg_optimizers() == {**OPTIMIZERS, "muon": optim.muon}
     assert optim.cnnreg_schedulers() == SCHEDULERS
 
 
