@@ -21,7 +21,8 @@ def batch():
 
 
 def test_the_plugin_registers_its_losses():
-    assert losses.cnnreg_losses() == {"cross_entropy": cross_entropy, "nll": nll, "bce_with_logits": bce_with_logits}
+    assert losses.cnnreg_losses() == {"cross_entropy": cross_entropy, "nll": nll, "bce_with_logits": bce_with_logits,
+                                      "focal": losses.focal}
 
 
 def test_cross_entropy_is_torchs(batch):

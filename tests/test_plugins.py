@@ -535,6 +535,7 @@ def test_the_live_objects_handed_to_optimizers_and_schedulers_are_not_recipe_par
     ("a **bold** and *emphasised* word; 3*4*5 and 2 * x stay", "a bold and emphasised word; 3*4*5 and 2 * x stay"),
     ("`code` in Markdown", "code in Markdown"),
     (":meth:`Module.train` (no tilde: the whole name)", "Module.train (no tilde: the whole name)"),
+    (":class:`~Module` and :class:`~a.b.c.Deep`", "Module and Deep"),
     ("nothing to remove", "nothing to remove"),
 ])
 def test_summaries_and_parameter_descriptions_are_plain_text(text, plain):

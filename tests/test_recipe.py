@@ -147,7 +147,8 @@ def test_family_shorthand_and_qualified_names(tmp_path):
 def test_defaults_are_filled_and_the_resolved_recipe_reloads(tmp_path):
     recipe = cnnreg.load_recipe(json.loads(RECIPE))
     resolved = recipe.to_json()
-    assert resolved["loss"] == {"name": "cross_entropy", "label_smoothing": 0.0, "weight": None, "num_classes": None}
+    assert resolved["loss"] == {"name": "cross_entropy", "label_smoothing": 0.0, "weight": None, "num_classes": None,
+                                "class_counts": None}
     assert [m["name"] for m in resolved["metrics"]] == ["accuracy", "precision", "recall", "f1"]
     assert resolved["trainer"]["precision"] == "auto"
     again = cnnreg.load_recipe(resolved)

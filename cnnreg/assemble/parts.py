@@ -29,14 +29,17 @@ import torch
 from torch import nn
 
 from cnnreg.assemble.checks import check_monitors, dry_run, fake_images, param_groups, sample_images
-from cnnreg.assemble.data import check_data, describe, describe_source, load_data, stand_in_size, train_batch_count
+from cnnreg.assemble.data import (check_data, describe, describe_source, load_data, stand_in_size, train_batch_count,
+                                   train_class_counts)
 from cnnreg.assemble.defaults import data_context, default_transforms, storage_choice
 from cnnreg.assemble.instantiate import component_kwargs, instantiate
 from cnnreg.config.recipe import Recipe
 from cnnreg.core import progress
+from cnnreg.core.balance import balanced_weights
 from cnnreg.core.data import DataContext, DatasetInfo, DataSource
-from cnnreg.core.errors import Unchecked
+from cnnreg.core.errors import RecipeError, Unchecked
 from cnnreg.core.records import Choice, Metric, Schedule
+from cnnreg.inputs.prepare import mixes_targets
 
 #: Placeholder statistics for a dry run before the data's are known (validate).
 _PLACEHOLDER_STATS = (0.5, 0.25)
@@ -129,7 +132,12 @@ def assemble(recipe: Recipe, *, load: bool, fold: int | None = None, world_size:
 
     opts = recipe.trainer
     batches = train_batch_count(recipe, info, data, fold, world_size, absent)
-    loss_fn = instantiate(recipe, "loss", ("loss",), recipe.loss, context={"num_classes": info.num_classes})
+    counts = train_class_counts(recipe, info, data, fold, absent)
+    if counts is not None:
+        choices.extend(balanced_choices(recipe, counts, info.classes))
+    loss_fn = instantiate(recipe, "loss", ("loss",), recipe.loss, unchecked=None if load else unchecked,
+                          context={"num_classes": info.num_classes, "class_counts": counts})
+    _check_soft_targets(recipe, train_tf, loss_fn)
     optimizer = instantiate(recipe, "optimizer", ("optimizer",), recipe.optimizer, live=param_groups(model))
     schedule = None
     if recipe.scheduler is not None:
@@ -149,6 +157,25 @@ def assemble(recipe: Recipe, *, load: bool, fold: int | None = None, world_size:
                  schedule=schedule, metrics=metrics, callbacks=callbacks, monitor=monitor, mode=mode,
                  train_batches=batches, choices=tuple(choices), unchecked=tuple(unchecked),
                  warnings=info.warnings, data_absent=absent)
+
+
+def balanced_choices(recipe: Recipe, counts: tuple[int, ...], classes: Sequence[str]) -> list[Choice]:
+    """The weights a loss parameter set to ``"balanced"`` (``weight``, focal's
+    ``alpha``) comes to, for the run header and run.json: the loss computes the
+    same from the ``class_counts`` it is given. A class without training
+    images is an error here, where the class can be named."""
+    found = []
+    for param in ("weight", "alpha"):
+        if getattr(recipe.loss, param, None) != "balanced":
+            continue
+        try:
+            weights = balanced_weights(counts, classes, key=param)
+        except ValueError as exc:
+            raise RecipeError([recipe.problem(("loss", param), f"{recipe.loss.name}: {exc}")]) from None  # type: ignore[attr-defined]
+        found.append(Choice(f"loss.{param}", [round(w, 6) for w in weights],
+                            f"balanced: n / (classes x count) from the training split's images per class {list(counts)}",
+                            f"give loss.{param} as a list to set the weights"))
+    return found
 
 
 def model_and_eval_transforms(recipe: Recipe, info: DatasetInfo) -> tuple[nn.Module, tuple]:
@@ -185,8 +212,24 @@ def factory_metadata(recipe: Recipe, context: dict[str, int]) -> dict[str, str]:
 
 def _transforms(recipe: Recipe, context: DataContext, split: str) -> tuple[Callable[..., torch.Tensor], ...]:
     specs = recipe.transforms.train if split == "train" else recipe.transforms.eval
-    return tuple(instantiate(recipe, "transform", ("transforms", split, i), spec, data_context=context)
+    made = tuple(instantiate(recipe, "transform", ("transforms", split, i), spec, data_context=context)
                  for i, spec in enumerate(specs))
+    if split == "eval":  # evaluation has no labels to mix, and must see the images as they are
+        mixing = [i for i, t in enumerate(made) if mixes_targets(t)]
+        if mixing:
+            raise RecipeError([recipe.problem(("transforms", "eval", i), f"{specs[i].name} mixes training batches "
+                                              f"only; remove it from transforms.eval") for i in mixing])
+    return made
+
+
+def _check_soft_targets(recipe: Recipe, train_tf: Sequence[Callable], loss_fn: Callable) -> None:
+    """Mixing transforms give the loss soft targets [B, C]: the loss must say it takes them."""
+    mixing = [i for i, t in enumerate(train_tf) if mixes_targets(t)]
+    if mixing and not getattr(loss_fn, "accepts_soft_targets", False):
+        name = recipe.transforms.train[mixing[0]].name
+        raise RecipeError([recipe.problem(("loss",), f"{recipe.loss.name} takes class indices, but {name} "
+                                          f"(transforms.train[{mixing[0]}]) gives soft targets; use "
+                                          f"cross_entropy or bce_with_logits, or remove {name}")])
 
 
 

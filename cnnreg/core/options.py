@@ -92,6 +92,17 @@ class DataOptions(Strict):
     num_workers: int | None = Field(None, ge=0, le=256, description="DataLoader workers for image files; default: cores.")
     shuffle: bool = Field(True, description="Reshuffle the training split every epoch.")
     drop_last: bool = Field(False, description="Drop the last incomplete training batch.")
+    sampler: Literal["shuffle", "balanced"] = Field(
+        "shuffle", description='How each epoch draws the training split: "shuffle" visits every image once; '
+        '"balanced" draws as many with replacement, each class equally often (1 / class count, as '
+        "WeightedRandomSampler), for imbalanced data.")
+
+    @pydantic.model_validator(mode="after")
+    def _sampler_draws(self) -> "DataOptions":
+        if self.sampler == "balanced" and not self.shuffle:
+            raise ValueError('sampler "balanced" draws a random order every epoch, so shuffle false cannot hold; '
+                             'remove shuffle: false, or use sampler "shuffle"')
+        return self
 
 
 class CrossValidation(Strict):

@@ -31,7 +31,8 @@ from cnnreg.plugin.manager import BrokenPlugin, Origin, PluginManager
 _CLASSES = "the dataset's number of classes"
 CONTEXT_PARAMS: dict[str, dict[str, str]] = {
     "model": {"num_classes": _CLASSES, "in_channels": "the dataset's number of channels"},
-    "loss": {"num_classes": _CLASSES},
+    # class_counts: for class weights that follow the data (weight: "balanced")
+    "loss": {"num_classes": _CLASSES, "class_counts": "the training split's images per class"},
     "metric": {"num_classes": _CLASSES},
     "scheduler": {"epochs": "the trainer's number of epochs",
                   "steps_per_epoch": "the number of optimizer steps in an epoch"},
@@ -293,7 +294,7 @@ _EMPHASIS = re.compile(r"(?<![\w*])\*(\S(?:[^*]*?\S)?)\*(?![\w*])")
 def plain_text(text: str) -> str:
     """``text`` with docstring markup removed, for terminals and editors' tooltips:
     summaries and parameter descriptions are shown as a person reads them."""
-    text = _ROLE.sub(lambda m: m.group(2).rsplit(".", 1)[-1] if m.group(1) else m.group(2), text)
+    text = _ROLE.sub(lambda m: m.group(2).rpartition(".")[2] if m.group(1) else m.group(2), text)
     text = _LITERAL.sub(lambda m: m.group(1) if m.group(1) is not None else m.group(2), text)
     text = _STRONG.sub(r"\1", text)
     return _EMPHASIS.sub(r"\1", text)
