@@ -24,7 +24,6 @@ op per image with the drawn parameters.
 """
 
 import functools
-import math
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
@@ -34,6 +33,7 @@ from torch import Tensor
 
 from cnnreg import hookimpl
 from cnnreg_plugins import _batched_ops as ops
+from cnnreg_plugins._params import fill_values as _fill_values, value_range as _range
 
 Fill = float | list[float]
 GeometricInterpolation = Literal["nearest", "bilinear"]
@@ -215,18 +215,6 @@ def apply_op(x: Tensor, op: Tensor, magnitude: Tensor, interpolation: str, fill:
     if OP["Invert"] in used:
         out = torch.where(_mask(op == OP["Invert"]), 1.0 - x, out)
     return ops.keep_memory_format(out, x)
-
-
-def _fill_values(fill: float | tuple[float, ...], x: Tensor, name: str) -> Tensor | float:
-    """A fill as a number, or a ``[1, C, 1, 1]`` tensor for one value per channel."""
-    if isinstance(fill, (int, float)):
-        return float(fill)
-    if len(fill) == 1:
-        return float(fill[0])
-    if len(fill) != x.shape[1]:
-        raise ValueError(f"{name} fill has {len(fill)} values but the images have {x.shape[1]} channels; "
-                         f"give one value, or one per channel")
-    return ops.channel_constant(fill, like=x)
 
 
 def _fill(fill: Fill) -> float | tuple[float, ...]:
@@ -415,13 +403,6 @@ class RandomAffine:
 
     def __call__(self, x: Tensor) -> Tensor:
         return self.apply(x, self.draw(x))
-
-
-def _range(value: float | tuple[float, float] | list[float], name: str) -> tuple[float, float]:
-    low, high = (-value, value) if isinstance(value, (int, float)) else (float(value[0]), float(value[1]))
-    if low > high:
-        raise ValueError(f"{name} range [{low}, {high}] is empty; give it as [min, max]")
-    return low, high
 
 
 def random_affine(

@@ -31,6 +31,7 @@ from torch import Tensor
 from cnnreg.core.data import DataContext
 from cnnreg import hookimpl
 from cnnreg_plugins import _batched_ops as ops
+from cnnreg_plugins._params import fill_values as _fill_values, value_range as _range
 
 Probability = Annotated[float, Field(ge=0, le=1)]
 Pixels = Annotated[int, Field(ge=1)]
@@ -60,25 +61,6 @@ class _Random:
 
 def _pair(size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
     return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
-
-
-def _range(value: float | tuple[float, float], name: str) -> tuple[float, float]:
-    low, high = (-value, value) if isinstance(value, (int, float)) else (float(value[0]), float(value[1]))
-    if low > high:
-        raise ValueError(f"{name} range [{low}, {high}] is empty; give it as [min, max]")
-    return low, high
-
-
-def _fill_values(fill: float | tuple[float, ...], x: Tensor, name: str) -> Tensor | float:
-    """A fill as a number, or a ``[1, C, 1, 1]`` tensor for one value per channel."""
-    if isinstance(fill, (int, float)):
-        return float(fill)
-    if len(fill) == 1:
-        return float(fill[0])
-    if len(fill) != x.shape[1]:
-        raise ValueError(f"{name} fill has {len(fill)} values but the images have {x.shape[1]} channels; "
-                         f"give one value, or one per channel")
-    return ops.channel_constant(fill, like=x)
 
 
 # -- flips ---------------------------------------------------------------------------
