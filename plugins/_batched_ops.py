@@ -246,7 +246,7 @@ def rotate(
     and its fill rule (a channel of ones is sampled along; where it fell
     below 1 the pixel blends towards ``fill``, or takes it for "nearest").
     """
-    batch, channels, height, width = x.shape
+    height, width = x.shape[-2:]
     cx, cy = (0.0, 0.0) if center is None else (center[0] - width * 0.5, center[1] - height * 0.5)
     radians = torch.deg2rad(degrees.to(torch.float32))
     cos, sin = torch.cos(radians), torch.sin(radians)
@@ -256,12 +256,20 @@ def rotate(
     row_x = torch.stack([cos, -sin, cx - cos * cx + sin * cy], dim=1) / (0.5 * width)
     row_y = torch.stack([sin, cos, cy - sin * cx - cos * cy], dim=1) / (0.5 * height)
     theta = torch.stack([row_x, row_y], dim=1).to(x.dtype)  # [B, 2, 3]
+    return _warp(x, theta, interpolation, fill)
+
+
+def _warp(x: Tensor, theta: Tensor, interpolation: str, fill: Tensor | float) -> Tensor:
+    """Sample each image at ``theta[b]`` ([B, 2, 3], grid_sample's [-1, 1] units) of
+    torchvision's pixel-centre grid, with torchvision's fill rule (a channel of ones is
+    sampled along; where it fell below 1 the pixel blends towards ``fill``, or takes it
+    for "nearest")."""
+    batch, channels, height, width = x.shape
     xs = torch.linspace((1.0 - width) * 0.5, (width - 1.0) * 0.5, steps=width, device=x.device, dtype=x.dtype)
     ys = torch.linspace((1.0 - height) * 0.5, (height - 1.0) * 0.5, steps=height, device=x.device, dtype=x.dtype)
     ones = torch.ones(height, width, device=x.device, dtype=x.dtype)
     base = torch.stack([xs.expand(height, width), ys[:, None].expand(height, width), ones], dim=-1)
     grid = torch.matmul(base.view(1, height * width, 3), theta.transpose(1, 2)).view(batch, height, width, 2)
-
     ones = torch.ones(batch, 1, height, width, device=x.device, dtype=x.dtype)
     sampled = F.grid_sample(torch.cat([x, ones], dim=1), grid, mode=interpolation, padding_mode="zeros", align_corners=False)
     image, coverage = sampled[:, :channels], sampled[:, channels:]
@@ -358,22 +366,9 @@ def inverse_affine_matrix(
 def affine(x: Tensor, matrix: Tensor, interpolation: str, fill: Tensor | float) -> Tensor:
     """Warp each sample by its inverse map ``matrix[b]`` (from ``inverse_affine_matrix``):
     torchvision's ``affine`` tensor kernel (its grid, one ``grid_sample``, its fill rule)."""
-    batch, channels, height, width = x.shape
+    height, width = x.shape[-2:]
     theta = (matrix / matrix.new_tensor([0.5 * width, 0.5 * height]).view(1, 2, 1)).to(x.dtype)
-    xs = torch.linspace((1.0 - width) * 0.5, (width - 1.0) * 0.5, steps=width, device=x.device, dtype=x.dtype)
-    ys = torch.linspace((1.0 - height) * 0.5, (height - 1.0) * 0.5, steps=height, device=x.device, dtype=x.dtype)
-    ones = torch.ones(height, width, device=x.device, dtype=x.dtype)
-    base = torch.stack([xs.expand(height, width), ys[:, None].expand(height, width), ones], dim=-1)
-    grid = torch.matmul(base.view(1, height * width, 3), theta.transpose(1, 2)).view(batch, height, width, 2)
-    ones = torch.ones(batch, 1, height, width, device=x.device, dtype=x.dtype)
-    sampled = F.grid_sample(torch.cat([x, ones], dim=1), grid, mode=interpolation, padding_mode="zeros",
-                            align_corners=False)
-    image, coverage = sampled[:, :channels], sampled[:, channels:]
-    if interpolation == "nearest":
-        out = torch.where(coverage < 0.5, fill, image)
-    else:
-        out = (image - fill) * coverage + fill
-    return keep_memory_format(out, x)
+    return _warp(x, theta, interpolation, fill)
 
 
 # -- more colour ops (AutoAugment's) ---------------------------------------------------
