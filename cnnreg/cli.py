@@ -61,7 +61,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         # command in this process showed), as one line without Python's source quote.
         warnings.filterwarnings("default", category=UserWarning)
         warnings.showwarning = _warning_printer(err)
-        return _run_command(args, err)
+        try:
+            status = _run_command(args, err)
+        finally:
+            left_group = _leave_process_group()
+    if left_group:
+        from cnnreg.core import distributed
+
+        distributed.end_worker_process(status)
+    return status
+
+
+def _leave_process_group() -> bool:
+    """Leave the torchrun process group this command joined, if it joined one
+    (whatever the outcome: every rank must leave, or the others wait at exit)."""
+    if "torch.distributed" not in sys.modules:  # never imported: no group, and keep --version free of torch
+        return False
+    from cnnreg.core import distributed
+
+    return distributed.teardown()
 
 
 def _run_command(args: argparse.Namespace, err: Console) -> int:
@@ -387,16 +405,11 @@ def _problem_json(problem: Any) -> dict[str, Any]:
 def cmd_run(args: argparse.Namespace) -> int:
     if args.nproc:
         return _launch_distributed(args)
-    from cnnreg.core import distributed
-
-    try:
-        with _progress_to_stderr(args.json):
-            outcome = _run(args)
-        if args.json and outcome is not None:
-            _print_json(outcome)
-        return 0
-    finally:
-        distributed.teardown()  # under torchrun: leave the process group so every rank exits cleanly
+    with _progress_to_stderr(args.json):
+        outcome = _run(args)
+    if args.json and outcome is not None:
+        _print_json(outcome)
+    return 0
 
 
 def _run(args: argparse.Namespace) -> dict[str, Any] | None:
@@ -446,17 +459,13 @@ def _fit_json(result: Any) -> dict[str, Any]:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from cnnreg.core import distributed
     from cnnreg.workflows.sweep import run_sweep, sweep_data
 
     overrides = parse_overrides(args.overrides)
     if args.output_dir is not None:
         overrides["output_dir"] = str(args.output_dir.resolve())
-    try:
-        with _progress_to_stderr(args.json):
-            result = run_sweep(args.recipe, disable=args.disable, overrides=overrides, device=args.device)
-    finally:
-        distributed.teardown()
+    with _progress_to_stderr(args.json):
+        result = run_sweep(args.recipe, disable=args.disable, overrides=overrides, device=args.device)
     if args.json:
         _print_json({**sweep_data(result), "run_dir": str(result.run_dir) if result.run_dir else None})
     return 0

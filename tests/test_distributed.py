@@ -186,3 +186,21 @@ def test_two_nodes_over_a_loopback_rendezvous_train_and_resume_like_one_node(tmp
     assert summary["epochs_run"] == single["epochs_run"] == 2
     for name in ("train_loss", "val_loss", "val_accuracy"):
         assert summary["last"][name] == pytest.approx(single["last"][name], rel=1e-6), name
+
+
+def test_a_worker_ends_with_its_status_after_the_atexit_handlers_and_with_its_output_flushed(tmp_path: Path) -> None:
+    # A torchrun worker ends without interpreter finalisation (gloo's threads could abort it
+    # there); what finalisation would have done for the user must still happen.
+    marker = tmp_path / "tracker-finished"
+    script = tmp_path / "worker.py"
+    script.write_text(
+        "import atexit, sys\n"
+        "from cnnreg.core import distributed\n"
+        f"atexit.register(lambda: open({str(marker)!r}, 'w').write('done'))  # a tracker closing its run\n"
+        "sys.stdout.write('last line, still in the buffer')\n"
+        "distributed.end_worker_process(3)\n"
+        "print('never reached')\n")
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 3, result.stderr
+    assert result.stdout == "last line, still in the buffer"
+    assert marker.read_text() == "done"

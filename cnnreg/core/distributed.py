@@ -24,8 +24,12 @@ per-rank batches and so resumes only under the world size that saved it.
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import os
+import sys
 from dataclasses import dataclass
+from typing import NoReturn
 
 import torch
 import torch.distributed as torch_dist
@@ -134,6 +138,33 @@ def barrier(dist: DistInfo) -> None:
         torch_dist.barrier()
 
 
-def teardown() -> None:
+def teardown() -> bool:
+    """Leave the process group; whether there was one to leave."""
     if torch_dist.is_available() and torch_dist.is_initialized():
         torch_dist.destroy_process_group()
+        return True
+    return False
+
+
+def end_worker_process(status: int) -> NoReturn:
+    """End a torchrun worker that has left its group, without interpreter finalisation.
+
+    Why: gloo's worker threads drop each finished collective's tensors a
+    moment after the caller sees it done, and dropping a tensor that Python
+    knows takes the GIL. If the interpreter is already finalising, the thread
+    cannot have it and the process aborts ("terminate called without an
+    active exception", SIGABRT) after a run that succeeded and saved
+    everything; torchrun then reports the whole job failed. A core dump of
+    such a rank showed exactly that (ProcessGroupGloo::runLoop destroying an
+    AsyncAllreduceWork in take_gil while the main thread was in
+    Py_FinalizeEx). destroy_process_group does not end those threads: DDP
+    leaves references to the group that nothing collects (pytorch#179291
+    describes the same crash). So the atexit handlers (logging, trackers,
+    plugins' own) run here while Python is whole, the streams are flushed,
+    and the process ends with os._exit, before any finalisation.
+    """
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):  # a closed or broken pipe must not turn success into a crash
+            stream.flush()
+    os._exit(status)
