@@ -62,3 +62,23 @@ def test_the_quickstart_trains_offline_far_above_chance(tmp_path):
     recipe = cnnreg.load_recipe(path, overrides={"output_dir": str(tmp_path), "trainer.progress": "off"})
     result = cnnreg.fit(cnnreg.build(recipe))
     assert result.best.metrics["val_accuracy"] > 0.6  # ten classes: chance is 0.1
+
+
+def test_the_timm_style_recipe_trains_with_each_of_its_techniques_on_real_cifar_files(tmp_path):
+    from _datafiles import write_cifar
+
+    path = Path(__file__).parent.parent / "recipes" / "cifar10-timm-style.json"
+    raw = json.loads(path.read_text())
+    assert [t["name"] for t in raw["transforms"]["train"]] == [
+        "random_horizontal_flip", "random_crop", "rand_augment", "normalize", "random_erasing", "mixup_cutmix"]
+    write_cifar(tmp_path / "data", train_per_class=8, test_per_class=2)
+    recipe = cnnreg.load_recipe(path, overrides={
+        "data.root": str(tmp_path / "data"), "data.download": False, "data.verify": False, "data.batch_size": 16, "data.val_fraction": 0.2,
+        "output_dir": str(tmp_path / "runs"), "trainer.progress": "off", "trainer.epochs": 4})
+    result = cnnreg.fit(cnnreg.build(recipe))
+    lrs = [record.metrics["lr"] for record in result.records]
+    # linear warm-up over the first 3 epochs (per step), then the cosine down to 0 at epoch 4
+    assert lrs[0] < lrs[1] < lrs[2] <= 0.002 and lrs[3] < lrs[2]
+    assert lrs[0] == pytest.approx(0.002 * (0.1 + 0.9 * 4 / 12), rel=1e-6)  # 4 steps of 12 warm-up steps done
+    assert all(record.metrics["train_loss"] == record.metrics["train_loss"] for record in result.records)  # no NaN
+    assert (result.run_dir / "best.safetensors").is_file()
