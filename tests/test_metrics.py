@@ -392,7 +392,7 @@ def test_two_processes_sum_every_accumulator(monkeypatch):
     feed(tallies)
     tallies.all_reduce(DistInfo(rank=0, world_size=2))
     result = tallies.read("val", CLASSES)
-    assert len(reduced) == 5  # loss sum, count, confusion, top-k hits, the probe's state
+    assert len(reduced) == 4  # loss sum, confusion (the count is its sum), top-k hits, the probe's state
     assert result.confusion == tuple(tuple(2 * v for v in row) for row in CONFUSION)
     assert result.metrics["loss"] == pytest.approx(MEAN_LOSS)
     assert result.metrics["top2_accuracy"] == pytest.approx(4 / 5)  # hits doubled with the count
@@ -522,3 +522,52 @@ def test_on_cuda_the_loss_reader_never_waits_for_the_gpu():
     assert first is None
     torch.cuda.synchronize()
     assert reader.poll(loss_sum, count) == 1.5
+
+
+def test_training_steps_in_slots_add_up_like_batches_one_by_one():
+    # The training path: losses go into per-step slots, summed when settled. The smaller
+    # second batch must weigh 2 samples, not a full batch's 3.
+    from cnnreg.engine.step import LossGuard
+
+    tallies, _ = make_tallies()
+    tallies.track_steps(len(BATCHES))
+    for index, (logits, targets, loss) in enumerate(BATCHES):
+        tallies.update_step(index, logits, targets, torch.tensor(loss))
+    tallies.settle(LossGuard(1000, torch.device("cpu")))
+    result = tallies.read("train", CLASSES)
+    assert result.confusion == CONFUSION
+    assert result.metrics["loss"] == pytest.approx(MEAN_LOSS)
+    assert result.metrics["top2_accuracy"] == pytest.approx(4 / 5)
+    assert int(tallies.bad_step) == -1
+
+
+def test_settling_finds_the_first_bad_step_across_settles_and_a_resumed_epoch():
+    from cnnreg.engine.step import LossGuard
+
+    guard = LossGuard(1000, torch.device("cpu"))
+    tallies, _ = make_tallies()
+    tallies.track_steps(8, start=2)  # resumed at step 2 of 8
+    one = (torch.tensor([[1.0, 0.0, 0.0]]), torch.tensor([0]))
+    for index, loss in zip(range(2, 5), [2.0, 3.0, 2.5]):
+        tallies.update_step(index, *one, torch.tensor(loss))
+    tallies.settle(guard)  # a progress poll: all good so far, the reference is the first loss
+    assert int(tallies.bad_step) == -1 and guard.reference_value() == 2.0
+    for index, loss in zip(range(5, 8), [2.0 * 1000 + 1, float("nan"), 1.0]):  # diverged, then NaN
+        tallies.update_step(index, *one, torch.tensor(loss))
+    tallies.settle(guard)
+    assert int(tallies.bad_step) == 5 and float(tallies.bad_loss) == pytest.approx(2001.0)
+
+
+@pytest.mark.parametrize("losses", [
+    [float("nan"), 3.0, 2000.0, 3001.0, 1.0],  # no reference until the first finite loss
+    [0.5, 999.0, 1001.0, float("inf"), -float("inf")],  # the reference counts as at least 1
+    [2.0, 1.0, 2000.0, 2000.1, float("nan")],
+])
+@pytest.mark.parametrize("factor", [1000, 0])
+def test_the_guard_judges_steps_together_as_it_does_one_by_one(losses, factor):
+    from cnnreg.engine.step import LossGuard
+
+    apart, together = LossGuard(factor, torch.device("cpu")), LossGuard(factor, torch.device("cpu"))
+    one_by_one = [bool(apart.bad(torch.tensor(x))) for x in losses]
+    assert together.bad_of(torch.tensor(losses)).tolist() == one_by_one
+    assert together.reference_value() == apart.reference_value()

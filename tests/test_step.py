@@ -458,7 +458,7 @@ def test_progress_is_reported_once_each_interval_has_passed(tmp_path, monkeypatc
     i = step.PROGRESS_INTERVAL
     # made at 0; batches done at 0.4, 1.0 (exactly one interval), 1.2 and 2.4 intervals
     monkeypatch.setattr(step, "time", types.SimpleNamespace(perf_counter=Clock(0.0, 0.4 * i, i, 1.2 * i, 2.4 * i).perf_counter))
-    progress = step._Progress(run, 1, BATCHES, done=0)
+    progress = step._Progress(run, 1, BATCHES, done=0, guard=step.LossGuard(1000, run.device))
     for index in range(4):
         progress.batch_done(index, tallies, start=0.0)
     assert [(p.step, p.images, p.seconds, p.loss) for _, p in recorder.calls] == [

@@ -76,6 +76,20 @@ class LossGuard:
             return ~finite
         return ~finite | (loss > self.factor * self.reference.clamp(min=1.0))
 
+    def bad_of(self, losses: torch.Tensor) -> torch.Tensor:
+        """:meth:`bad` for consecutive steps' losses at once (``[n]``): the same answers as one by one.
+
+        Without a reference yet, it is the first finite loss among them; the
+        steps before it are not finite, so they are bad either way.
+        """
+        losses = losses.detach().float()
+        finite = torch.isfinite(losses)
+        first = losses[finite.int().argmax()]
+        self.reference.copy_(torch.where((self.reference < 0) & finite.any(), first, self.reference))
+        if self.factor <= 0:
+            return ~finite
+        return ~finite | (losses > self.factor * self.reference.clamp(min=1.0))
+
     def reference_value(self) -> float | None:
         value = float(self.reference.item())  # at checkpoints only, not in the step
         return value if value >= 0 else None
@@ -149,18 +163,25 @@ def train_epoch(run: Run, epoch: int, tallies: Tallies, skip_batches: int, signa
     run.model.train()
     params = [p for group in run.optimizer.param_groups for p in group["params"]]
     on_step = _step_hook(run, len(batches))
-    progress = _Progress(run, epoch, len(batches), done=skip_batches)
+    # on_nan "stop" can wait for the epoch's end to find a bad step (the losses
+    # go into slots, judged together: tallies.settle); "skip" must know at once
+    skip_bad = opts.on_nan == "skip"
+    if not skip_bad:
+        tallies.track_steps(len(batches), start=skip_batches)
+    progress = _Progress(run, epoch, len(batches), done=skip_batches, guard=guard)
     start = time.perf_counter()
     with out_of_memory_advice(run, "train", batches.batch_size):
         for index, (images, targets, sample_index) in enumerate(batches.indexed(), start=skip_batches):
             # gradients add up over `accumulate` batches; the last batch of each group steps
             steps = (index + 1) % opts.accumulate == 0 or index + 1 == len(batches)
             logits, loss = forward_backward(run, model, images, targets, sample_index, epoch, sync=steps)
-            bad = tallies.note_bad(guard.bad(loss), loss, index)
-            if opts.on_nan == "skip" and bool(bad):  # opt-in: costs one host sync per step
-                run.optimizer.zero_grad(set_to_none=True)
-                continue
-            tallies.update(logits, targets, loss)
+            if skip_bad:
+                if bool(tallies.note_bad(guard.bad(loss), loss, index)):  # opt-in: one host sync per step
+                    run.optimizer.zero_grad(set_to_none=True)
+                    continue
+                tallies.update(logits, targets, loss)
+            else:
+                tallies.update_step(index, logits, targets, loss)
             if steps:
                 optimizer_step(run, params)
                 if run.schedule is not None and run.schedule.interval == "step":
@@ -170,7 +191,9 @@ def train_epoch(run: Run, epoch: int, tallies: Tallies, skip_batches: int, signa
             timing.first_batch_done(run.device, start, "train")
             progress.batch_done(index, tallies, start)
             if signals.leave_now(index, last=index + 1 == len(batches)):
+                tallies.settle(guard)  # the partial epoch's tallies are saved with the state
                 raise LeaveAt(epoch, index + 1)
+    tallies.settle(guard)
     return synchronized_since(run.device, start)
 
 
@@ -192,7 +215,7 @@ def forward_backward(run: Run, model: nn.Module, images: torch.Tensor, targets: 
         with autocast(run.device, run.precision):
             logits = model(x)
             loss = run.loss_fn(logits, loss_targets)
-        scaled = loss / accumulate
+        scaled = loss / accumulate if accumulate > 1 else loss  # no division kernel for nothing
         (run.scaler.scale(scaled) if run.scaler is not None else scaled).backward()
     return logits, loss
 
@@ -243,8 +266,8 @@ class _Progress:
     """The running loss and speed for ``cnnreg_train_progress``, at most every
     :data:`PROGRESS_INTERVAL` seconds (the loss is copied without waiting)."""
 
-    def __init__(self, run: Run, epoch: int, steps: int, done: int):
-        self.run, self.epoch, self.steps, self.done = run, epoch, steps, done
+    def __init__(self, run: Run, epoch: int, steps: int, done: int, guard: LossGuard):
+        self.run, self.epoch, self.steps, self.done, self.guard = run, epoch, steps, done, guard
         self.reader = LossReader(run.device)
         self.last = time.perf_counter()
 
@@ -255,6 +278,7 @@ class _Progress:
             return
         self.last = now
         run = self.run
+        tallies.settle(self.guard)  # a few operations, at most every PROGRESS_INTERVAL
         loss = self.reader.poll(tallies.loss_sum, tallies.count)
         if loss is not None and not math.isfinite(loss) and run.recipe.trainer.on_nan == "stop":
             raise_bad_step(run, self.epoch, tallies)
