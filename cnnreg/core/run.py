@@ -34,6 +34,10 @@ class Run:
     :param broken_plugins: the plugins that failed to load, with their errors.
     :param records_pending: the run directory held a run already (``--resume``): its
         recipe.json and run.json are rewritten only once ``fit`` has checked the resume.
+    :param temperature: the calibration temperature (``cnnreg calibrate``) that
+        :func:`cnnreg.evaluate` divides the logits by; ``None``: uncalibrated.
+        ``load_run`` sets it from the run directory's calibration.json; ``build``
+        never does, and training's own validation never uses it.
     """
 
     recipe: RecipeBase
@@ -62,6 +66,7 @@ class Run:
     plugins: Mapping[str, str] = field(default_factory=dict)
     broken_plugins: tuple[str, ...] = ()
     records_pending: bool = False
+    temperature: float | None = None
 
     @property
     def epochs(self) -> int:

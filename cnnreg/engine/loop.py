@@ -231,12 +231,18 @@ def step_epoch_scheduler(run: Run, record: EpochRecord) -> None:
     # a monitored split not evaluated this epoch (eval_every) leaves the plateau count alone
 
 
-def evaluate(run: Run, split: str = "test") -> EvalResult:
-    """Metrics of the current model on one split (``train``, ``val`` or ``test``)."""
-    return _evaluate(run, split, None)
+def evaluate(run: Run, split: str = "test", temperature: float | None = None) -> EvalResult:
+    """Metrics of the current model on one split (``train``, ``val`` or ``test``).
+
+    :param temperature: divide the logits by it before the loss and the
+        metrics (calibrated confidences; the predictions, so accuracy, stay as
+        they are); ``None``: the run's own (``run.temperature``, which
+        ``load_run`` reads from calibration.json), none when it has none.
+    """
+    return _evaluate(run, split, None, temperature if temperature is not None else run.temperature)
 
 
-def _evaluate(run: Run, split: str, timing: Timing | None) -> EvalResult:
+def _evaluate(run: Run, split: str, timing: Timing | None, temperature: float | None = None) -> EvalResult:
     if split not in run.batches:
         have = ", ".join(run.batches)
         raise UserError(f"this run has no {split!r} split (it has: {have})")
@@ -251,6 +257,8 @@ def _evaluate(run: Run, split: str, timing: Timing | None) -> EvalResult:
             autocast(run.device, run.precision):
         for images, targets, index in batches.indexed():
             logits = merge_views(model(prepare(run, images, run.eval_transforms, index)), views)
+            if temperature is not None:
+                logits = logits.float() / temperature
             loss = run.loss_fn(logits.float(), targets)
             tallies.update(logits, targets, loss)
             if timing is not None:

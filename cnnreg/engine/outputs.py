@@ -6,7 +6,9 @@ The pass is the evaluation's own: the run's eval transforms (TTA views
 merged the same way), its precision, the model it validates with (an EMA or
 SWA average when a callback set one), inference mode. Logits come back as
 float32 on the CPU in the split's order, with each sample's index in the
-split, so an image can be looked up again.
+split, so an image can be looked up again. They are the model's own logits:
+a calibration temperature (``run.temperature``) is not applied, so that
+temperatures are fitted, and ECE before and after measured, on them.
 """
 
 from __future__ import annotations

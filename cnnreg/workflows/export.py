@@ -12,6 +12,12 @@ JPEGs match exactly). safetensors holds the weights only, in the
 key layout of the network itself (see :func:`cnnreg.core.checkpoint.save_weights`),
 with metadata that says how to build it.
 
+A calibrated run (``cnnreg calibrate``) exports calibrated logits: the
+graph formats divide by the temperature inside the graph, so the file's
+output is ``logits / T`` and its softmax the calibrated confidences;
+safetensors, weights only, records T in its metadata for the caller to
+apply. Every format's metadata says ``temperature``.
+
 Each export is loaded back and run against the model on a batch (for
 ``preprocessing``, on images of two other sizes, also against predict's own
 resize); an export that computes something else is an error (exit status 2).
@@ -62,12 +68,14 @@ class Exported:
     checked_sizes: tuple[tuple[int, int], ...] = ()
     max_abs_diff_vs_predict: float | None = None
     metadata: dict[str, str] = field(default_factory=dict)
+    temperature: float | None = None  # the calibration temperature baked in (graphs) or recorded (safetensors)
 
     def to_json(self) -> dict[str, Any]:
         return {"path": str(self.path), "format": self.format, "max_abs_diff": self.max_abs_diff,
                 "preprocessing": self.preprocessing, "inputs": self.inputs,
                 "checked_sizes": [list(s) for s in self.checked_sizes],
-                "max_abs_diff_vs_predict": self.max_abs_diff_vs_predict, "metadata": self.metadata}
+                "max_abs_diff_vs_predict": self.max_abs_diff_vs_predict, "metadata": self.metadata,
+                "temperature": self.temperature}
 
 
 def export(p: Predictor, fmt: str, output: Path | None, run_dir: Path, tolerance: float = 1e-4,
@@ -90,7 +98,7 @@ def export(p: Predictor, fmt: str, output: Path | None, run_dir: Path, tolerance
     path = Path(output) if output is not None else Path(run_dir) / f"model{SUFFIX[fmt]}"
     model = full_precision(checkpoint.unwrap(p.model)).cpu().eval()
     fit = GraphFit(p.image_size, p.fit) if preprocessing else None
-    module = _Exportable(model, p.transforms, fit).eval()
+    module = _Exportable(model, p.transforms, fit, p.temperature).eval()
     inputs = _contract(p, fmt, preprocessing)
     examples = _examples(p, preprocessing)
     metadata = {**checkpoint.weights_metadata(model), **_metadata(p, inputs, preprocessing)}
@@ -127,25 +135,29 @@ def export(p: Predictor, fmt: str, output: Path | None, run_dir: Path, tolerance
     sizes = tuple((int(e.shape[-2]), int(e.shape[-1])) for e in examples)
     return Exported(path=path, format=fmt, max_abs_diff=error, inputs=inputs, preprocessing=preprocessing,
                     checked_sizes=sizes, max_abs_diff_vs_predict=vs_predict if fit is not None else None,
-                    metadata=metadata)
+                    metadata=metadata, temperature=p.temperature)
 
 
 class _Exportable(torch.nn.Module):
-    """The resize (with preprocessing), the eval transforms and the model as one module, for exporting."""
+    """The resize (with preprocessing), the eval transforms, the model and the calibration
+    temperature (when the run has one) as one module, for exporting."""
 
-    def __init__(self, model: torch.nn.Module, transforms: tuple, fit: GraphFit | None = None):
+    def __init__(self, model: torch.nn.Module, transforms: tuple, fit: GraphFit | None = None,
+                 temperature: float | None = None):
         super().__init__()
         self.fit = fit
         self.model = model
         self.transforms = list(transforms)
         self.views = view_weights(self.transforms)  # test-time augmentation: one merged answer per image
+        self.temperature = temperature  # a Python float: a constant in the exported graph
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fit is not None:  # uint8 at any size -> the run's size, in [0, 1] (predict's prepare_batch)
             x = self.fit(x).to(torch.float32).div(255)
         for transform in self.transforms:
             x = transform(x)
-        return merge_views(self.model(x), self.views)
+        logits = merge_views(self.model(x), self.views)
+        return logits / self.temperature if self.temperature is not None else logits
 
 
 # -- what goes in, what is said about it ------------------------------------------------------
@@ -164,6 +176,15 @@ def _examples(p: Predictor, preprocessing: bool) -> list[torch.Tensor]:
 
 
 def _contract(p: Predictor, fmt: str, preprocessing: bool) -> str:
+    if p.temperature is not None:
+        return _uncalibrated_contract(p, fmt, preprocessing) + (
+            f" (not divided by the calibration temperature {p.temperature:.6g}: divide them by it yourself "
+            f"for calibrated confidences)" if fmt == "safetensors" else
+            f" divided by the calibration temperature {p.temperature:.6g} (softmax: calibrated confidences)")
+    return _uncalibrated_contract(p, fmt, preprocessing)
+
+
+def _uncalibrated_contract(p: Predictor, fmt: str, preprocessing: bool) -> str:
     h, w = p.image_size
     colour = "RGB" if p.channels == 3 else ("grayscale" if p.channels == 1 else f"{p.channels} channels")
     if fmt == "safetensors":
@@ -181,7 +202,7 @@ def _contract(p: Predictor, fmt: str, preprocessing: bool) -> str:
 def _metadata(p: Predictor, inputs: str, preprocessing: bool) -> dict[str, str]:
     return {"classes": json.dumps(list(p.classes)), "inputs": inputs, "image_size": json.dumps(list(p.image_size)),
             "channels": str(p.channels), "fit": p.fit, "preprocessing": json.dumps(preprocessing),
-            "cnnreg": version()}
+            "temperature": json.dumps(p.temperature), "cnnreg": version()}
 
 
 # -- checks -------------------------------------------------------------------------------------
@@ -201,7 +222,7 @@ def _as_predict_does(p: Predictor, module: _Exportable, images: torch.Tensor) ->
     from cnnreg.inputs.imagefiles import fit_image
 
     fitted = torch.stack([fit_image(image, p.image_size, p.fit) for image in images])  # type: ignore[arg-type]
-    plain = _Exportable(module.model, tuple(module.transforms)).eval()
+    plain = _Exportable(module.model, tuple(module.transforms), temperature=module.temperature).eval()
     return plain(fitted.float().div(255))
 
 
