@@ -36,6 +36,8 @@ examples:
   cnnreg schema > recipe.schema.json             JSON Schema for editors
   cnnreg ls --json                               any listing as JSON (NO_COLOR=1: no colours)
   cnnreg evaluate runs/quickstart-... --split test
+  cnnreg report runs/quickstart-...              report.html: curves, confusions, top losses, Grad-CAM
+  cnnreg calibrate runs/quickstart-...           fit a temperature on the val split; evaluate/predict/export use it
   cnnreg predict runs/quickstart-... cat.png --top-k 3
   cnnreg export runs/quickstart-... --format onnx
   cnnreg runs                                    list the runs under ./runs
@@ -231,6 +233,20 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default="best", choices=["best", "last"])
     p.add_argument("--device")
 
+    p = command("report", cmd_report, "write RUN_DIR/report.html: one self-contained page about a run (or "
+                "a sweep or k-fold folder's runs side by side)", json_output="the report's path")
+    p.add_argument("run_dir", type=Path, help="a run directory, or a sweep or k-fold folder")
+    p.add_argument("--device", help="where to evaluate (default: the recipe's trainer.device)")
+    p.add_argument("--top-losses", type=int, default=16, metavar="N",
+                   help="highest-loss test images in the gallery (default 16)")
+
+    p = command("calibrate", cmd_calibrate, "fit a finished run's temperature on its validation split "
+                "(RUN_DIR/calibration.json, which evaluate, predict and export then apply)",
+                json_output="the temperature and the calibration error before and after")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--checkpoint", default="best", choices=["best", "last"])
+    p.add_argument("--device")
+
     p = command("predict", cmd_predict, "classify images with a run's model", json_output="one line per image")
     p.add_argument("run_dir", type=Path)
     p.add_argument("images", nargs="+", type=Path)
@@ -405,11 +421,25 @@ def _problem_json(problem: Any) -> dict[str, Any]:
 def cmd_run(args: argparse.Namespace) -> int:
     if args.nproc:
         return _launch_distributed(args)
+    import time
+
+    started = time.time()
     with _progress_to_stderr(args.json):
         outcome = _run(args)
+    reports = _reports_written(outcome, started)
     if args.json and outcome is not None:
-        _print_json(outcome)
+        _print_json({**outcome, "reports": reports} if reports else outcome)
+    elif reports:
+        for path in reports:
+            _console().print(f"report: {_escape(path)}")
     return 0
+
+
+def _reports_written(outcome: dict[str, Any] | None, since: float) -> list[str]:
+    """The report.html files this run's ``report`` callback wrote (one per fold of a k-fold)."""
+    folders = [outcome.get("run_dir")] + [fold.get("run_dir") for fold in outcome.get("folds", [])] if outcome else []
+    paths = [Path(f) / "report.html" for f in folders if f]
+    return [str(p) for p in paths if p.is_file() and p.stat().st_mtime >= since - 1]
 
 
 def _run(args: argparse.Namespace) -> dict[str, Any] | None:
@@ -545,14 +575,69 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from cnnreg.core.tables import print_evaluation
 
     run = load_run(args.run_dir, checkpoint=args.checkpoint, device=args.device, disable=args.disable)
-    result = evaluate(run, args.split)
+    result = evaluate(run, args.split)  # with the run's calibration temperature, when it has one
     if args.json:
         _print_json({"split": result.split, "metrics": dict(result.metrics), "classes": list(result.classes),
                      "per_class": {k: list(v) for k, v in result.per_class.items()},
-                     "confusion": [list(row) for row in result.confusion]})
+                     "confusion": [list(row) for row in result.confusion],
+                     **_calibration_json(args.run_dir, run.temperature)})
         return 0
-    print_evaluation(_console(), result)
+    console = _console()
+    _say_calibrated(console, args.run_dir, run.temperature)
+    print_evaluation(console, result)
     return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from cnnreg.workflows.report import write_report
+
+    if args.top_losses < 0:
+        raise UserError(f"--top-losses must be 0 or more, not {args.top_losses}")
+    path = write_report(args.run_dir, device=args.device, top_losses=args.top_losses, disable=args.disable)
+    if args.json:
+        _print_json({"report": str(path)})
+        return 0
+    _console().print(f"report: {_escape(str(path))}")
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from cnnreg.workflows.calibrate import calibrate_run
+
+    with _progress_to_stderr(args.json):
+        done = calibrate_run(args.run_dir, checkpoint=args.checkpoint, device=args.device, disable=args.disable)
+    if args.json:
+        _print_json(done.to_json())
+        return 0
+    console = _console()
+    console.print(f"temperature [bold]{done.temperature:.4g}[/] fitted on the {done.split} split "
+                  f"({done.samples} images, {done.checkpoint} checkpoint); wrote {_escape(str(done.path))}")
+    table = PlainTable(title=f"calibration ({done.split}, {done.bins} bins)", title_justify="left")
+    for column, justify in (("", "left"), ("before", "right"), ("after", "right")):
+        table.add_column(column, justify=justify)  # type: ignore[arg-type]
+    table.add_row("ECE", f"{done.ece_before:.2%}", f"{done.ece_after:.2%}")
+    table.add_row("classwise ECE", f"{done.classwise_ece_before:.2%}", f"{done.classwise_ece_after:.2%}")
+    table.add_row("NLL", f"{done.nll_before:.4f}", f"{done.nll_after:.4f}")
+    table.add_row("accuracy", f"{done.accuracy:.2%}", f"{done.accuracy:.2%}")
+    console.print(table)
+    console.print("evaluate, predict and export now apply it; delete the file to go back to the raw logits")
+    return 0
+
+
+def _calibration_json(run_dir: Path, temperature: float | None) -> dict[str, Any]:
+    """What --json outputs say about calibration: the temperature applied and its file (null: none)."""
+    from cnnreg.runs.calibration_file import calibration_path
+
+    return {"temperature": temperature,
+            "calibration": str(calibration_path(run_dir)) if temperature is not None else None}
+
+
+def _say_calibrated(console: Console, run_dir: Path, temperature: float | None) -> None:
+    """One line when a calibration temperature is applied, so a calibrated number is never mistaken for a raw one."""
+    if temperature is not None:
+        from cnnreg.runs.calibration_file import calibration_path
+
+        console.print(f"calibrated: temperature {temperature:.4g} ({_escape(str(calibration_path(run_dir)))})")
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -560,11 +645,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from cnnreg.workflows.predict import load_predictor
 
     run = load_predictor(args.run_dir, checkpoint=args.checkpoint, device=args.device, disable=args.disable)
-    predictions = predict(run, args.images, top_k=args.top_k)
+    predictions = predict(run, args.images, top_k=args.top_k)  # calibrated confidences, when the run has a T
     if args.json:
+        calibrated = _calibration_json(args.run_dir, run.temperature)
         for p in predictions:
             sys.stdout.write(json.dumps({"image": p.source, "classes": list(p.classes),
-                                         "confidences": [round(c, 6) for c in p.confidences]}) + "\n")
+                                         "confidences": [round(c, 6) for c in p.confidences], **calibrated}) + "\n")
         return 0
     table = PlainTable(title_justify="left")
     table.add_column("image", overflow="fold")
@@ -576,7 +662,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
         for name, conf in zip(p.classes, p.confidences):
             cells += [name, f"{conf:.1%}"]
         table.add_row(p.source, *cells)
-    _console().print(table)
+    console = _console()
+    _say_calibrated(console, args.run_dir, run.temperature)
+    console.print(table)
     return 0
 
 
@@ -592,9 +680,14 @@ def cmd_export(args: argparse.Namespace) -> int:
     sizes = ", ".join(f"{h}x{w}" for h, w in done.checked_sizes)
     also = "" if done.max_abs_diff_vs_predict is None else (
         f" and cnnreg predict's resize (max abs diff {done.max_abs_diff_vs_predict:.2e})")
-    Console(highlight=False, soft_wrap=True).print(
+    console = Console(highlight=False, soft_wrap=True)
+    console.print(
         f"exported {_escape(str(done.path))}; outputs match the model (max abs diff {done.max_abs_diff:.2e}"
         f"{', images ' + sizes if done.preprocessing else ''}){also}")
+    if done.temperature is not None:
+        _say_calibrated(console, args.run_dir, done.temperature)
+        console.print("  the weights hold the raw logits: divide them by the temperature (in the file's metadata)"
+                      if done.format == "safetensors" else "  the file's outputs are the logits divided by it")
     return 0
 
 
