@@ -29,7 +29,7 @@ from cnnreg.plugin.hookspecs import hookimpl
 __all__ = [
     "hookimpl", "plugin_manager", "load_recipe", "validate", "build", "fit", "evaluate", "predict",
     "cross_validate", "load_run", "load_predictor", "Family", "DataSource", "ImageSplit", "DataContext",
-    "DatasetInfo", "describes", "UserError", "RecipeError", "Unavailable", "write_report", "write_run_report",
+    "DatasetInfo", "describes", "UserError", "RecipeError", "Unavailable", "write_report", "write_run_report", "calibrate_run",
 ]
 
 # The engine imports torch; keep `import cnnreg` (and so `cnnreg --version`,
@@ -40,6 +40,7 @@ _LAZY = {
     "predict": "cnnreg.workflows.predict", "cross_validate": "cnnreg.workflows.crossval",
     "load_run": "cnnreg.workflows.predict", "load_predictor": "cnnreg.workflows.predict",
     "write_report": "cnnreg.workflows.report", "write_run_report": "cnnreg.workflows.report",
+    "calibrate_run": "cnnreg.workflows.calibrate",
     "Family": "cnnreg.plugin.catalog", "DataSource": "cnnreg.core.data", "ImageSplit": "cnnreg.core.data",
     "DataContext": "cnnreg.core.data", "DatasetInfo": "cnnreg.core.data", "describes": "cnnreg.core.data",
     "UserError": "cnnreg.core.errors", "RecipeError": "cnnreg.core.errors", "Unavailable": "cnnreg.core.errors",
