@@ -191,14 +191,13 @@ MIXING = {"train": [{"name": "random_horizontal_flip"}, {"name": "normalize"},
 
 def test_a_run_with_mixup_trains_and_counts_train_accuracy_on_the_hard_labels(tmp_path, monkeypatch):
     seen = []
-    original = tallies.Tallies.update
+    original = tallies.Tallies.update_step
 
-    def update(self, logits, targets, loss):
-        if logits.requires_grad:  # the training pass, not evaluation
-            seen.append((logits.detach().clone(), targets.clone()))
-        original(self, logits, targets, loss)
+    def update_step(self, index, logits, targets, loss):  # the training pass's tallies
+        seen.append((logits.detach().clone(), targets.clone()))
+        original(self, index, logits, targets, loss)
 
-    monkeypatch.setattr(tallies.Tallies, "update", update)
+    monkeypatch.setattr(tallies.Tallies, "update_step", update_step)
     recipe = tiny_recipe(tmp_path, trainer__epochs=4, metrics=[{"name": "accuracy"}],
                          transforms={"train": [{"name": "normalize"}, {"name": "mixup", "alpha": 0.4}],
                                      "eval": [{"name": "normalize"}]})
