@@ -558,16 +558,22 @@ def test_settling_finds_the_first_bad_step_across_settles_and_a_resumed_epoch():
     assert int(tallies.bad_step) == 5 and float(tallies.bad_loss) == pytest.approx(2001.0)
 
 
-@pytest.mark.parametrize("losses", [
-    [float("nan"), 3.0, 2000.0, 3001.0, 1.0],  # no reference until the first finite loss
-    [0.5, 999.0, 1001.0, float("inf"), -float("inf")],  # the reference counts as at least 1
-    [2.0, 1.0, 2000.0, 2000.1, float("nan")],
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize("losses, bad_at_1000, bad_at_0", [
+    # no reference until the first finite loss (3: the limit is 3000)
+    ([NAN, 3.0, 2000.0, 3001.0, 1.0], [True, False, False, True, False], [True, False, False, False, False]),
+    # the reference counts as at least 1 (the limit is 1000, not 500)
+    ([0.5, 999.0, 1001.0, INF, -INF], [False, False, True, True, True], [False, False, False, True, True]),
+    ([2.0, 1.0, 2000.0, 2000.1, NAN], [False, False, False, True, True], [False, False, False, False, True]),
 ])
 @pytest.mark.parametrize("factor", [1000, 0])
-def test_the_guard_judges_steps_together_as_it_does_one_by_one(losses, factor):
+def test_the_guard_judges_steps_together_as_it_does_one_by_one(losses, bad_at_1000, bad_at_0, factor):
     from cnnreg.engine.step import LossGuard
 
     apart, together = LossGuard(factor, torch.device("cpu")), LossGuard(factor, torch.device("cpu"))
     one_by_one = [bool(apart.bad(torch.tensor(x))) for x in losses]
+    assert one_by_one == (bad_at_1000 if factor else bad_at_0)  # by hand
     assert together.bad_of(torch.tensor(losses)).tolist() == one_by_one
     assert together.reference_value() == apart.reference_value()

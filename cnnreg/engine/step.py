@@ -69,12 +69,7 @@ class LossGuard:
 
     def bad(self, loss: torch.Tensor) -> torch.Tensor:
         """bool tensor: this step's loss has diverged (or is not finite)."""
-        loss = loss.detach().float()
-        finite = torch.isfinite(loss)
-        self.reference.copy_(torch.where((self.reference < 0) & finite, loss, self.reference))
-        if self.factor <= 0:
-            return ~finite
-        return ~finite | (loss > self.factor * self.reference.clamp(min=1.0))
+        return self.bad_of(loss.reshape(1)).reshape(())
 
     def bad_of(self, losses: torch.Tensor) -> torch.Tensor:
         """:meth:`bad` for consecutive steps' losses at once (``[n]``): the same answers as one by one.

@@ -94,9 +94,7 @@ class Tallies:
     def note_bad(self, bad: torch.Tensor, loss: torch.Tensor, index: int) -> torch.Tensor:
         """Remember the first batch whose loss was bad (not finite, or diverged) and that
         loss, on the device, without waiting; returns ``bad``."""
-        first = (self.bad_step < 0) & bad
-        self.bad_step.copy_(torch.where(first, index, self.bad_step))
-        self.bad_loss.copy_(torch.where(first, loss.detach().float(), self.bad_loss))
+        self.note_first_bad(bad.reshape(1), loss.detach().reshape(1), index)
         return bad
 
     def update(self, logits: torch.Tensor, targets: torch.Tensor, loss: torch.Tensor) -> None:

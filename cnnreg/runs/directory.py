@@ -22,6 +22,7 @@ from cnnreg.core.errors import UserError
 from cnnreg.core.version import version
 from cnnreg.core.options import RecipeBase
 from cnnreg.core.records import FitResult
+from cnnreg.runs.listing import read_json_object
 
 if TYPE_CHECKING:  # pragma: no cover
     from cnnreg.core.run import Run
@@ -124,11 +125,7 @@ def write_run_files(run: Run) -> None:
 
 def _read_info(run_dir: Path) -> dict[str, Any]:
     """What an earlier start of this run recorded in run.json ({} for a new run, or a damaged file)."""
-    try:
-        info = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return info if isinstance(info, dict) else {}
+    return read_json_object(run_dir / "run.json") or {}
 
 
 def write_summary(run: Run, result: FitResult) -> None:

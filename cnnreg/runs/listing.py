@@ -19,9 +19,9 @@ def find_runs(root: Path) -> list[dict[str, str]]:
 
 def describe_run(run_dir: Path) -> dict[str, str]:
     """One row of ``cnnreg runs``, from run.json and summary.json; damaged or missing files show as such."""
-    info = _read_json(run_dir / "run.json") or {}
+    info = read_json_object(run_dir / "run.json") or {}
     recipe = info.get("recipe") or {}
-    summary = _read_json(run_dir / "summary.json")
+    summary = read_json_object(run_dir / "summary.json")
     planned = (recipe.get("trainer") or {}).get("epochs", "?")
     created = str(info.get("created", ""))
     row = {"name": recipe.get("name", run_dir.name), "created": created, "date": created.replace("T", " "),
@@ -51,7 +51,8 @@ def _epochs_logged(run_dir: Path) -> int | None:
     return len(epochs)
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
+def read_json_object(path: Path) -> dict[str, Any] | None:
+    """A run file's JSON object; None when it is missing, damaged or not an object (a run cut short)."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError, UnicodeDecodeError):

@@ -15,6 +15,7 @@ from typing import Any
 from cnnreg.core import checkpoint
 from cnnreg.core.records import EpochRecord
 from cnnreg.engine.training_state import record_from_json
+from cnnreg.runs.listing import read_json_object
 
 
 @dataclass(frozen=True)
@@ -118,8 +119,5 @@ def read_records(run_dir: Path) -> tuple[EpochRecord, ...]:
 
 
 def read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
+    """A run file's JSON object, {} when it is missing or damaged (the page then leaves that part out)."""
+    return read_json_object(Path(path)) or {}
